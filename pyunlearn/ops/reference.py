@@ -1,0 +1,167 @@
+"""Pure-PyTorch reference of every fused op: the CPU fallback, the test oracle, the benchmark baseline.
+
+Each compiled or Triton kernel computes exactly these functions (up to floating-point rounding).
+Inputs here are already validated by the public API (``pyunlearn.losses``, ``pyunlearn.optim``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .rng import STREAM_UPDATE, gaussian_noise
+
+
+# --------------------------------------------------------------------------------------------------
+# Op 1: masked pixel cross-entropy, forward and backward together
+# --------------------------------------------------------------------------------------------------
+def masked_cross_entropy_fwd_bwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample masked cross-entropy and its gradient with respect to the logits.
+
+    logits: (B, K, N) with K >= 2 (softmax cross-entropy) or K == 1 (sigmoid binary cross-entropy);
+    target: (B, N) integer class indices (0/1 when K == 1); mask: (B, N) bool; weight: (B,) or None.
+
+        loss[b]       = weight[b] * sum_n mask[b, n] * ce(logits[b, :, n], target[b, n]) / max(m_b, 1)
+        grad[b, :, n] = d loss[b] / d logits[b, :, n]
+
+    with m_b = sum_n mask[b, n], so an empty mask gives a loss of 0 and a zero gradient.
+    Accumulation is float32 (float64 for float64 logits); ``grad`` has the dtype of ``logits``.
+    """
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(acc)
+    maskf = mask.to(acc)
+    count = maskf.sum(dim=1).clamp_min(1.0)  # (B,)
+    scale = maskf / count[:, None]  # (B, N)
+    if weight is not None:
+        scale = scale * weight.to(acc)[:, None]
+    if x.shape[1] == 1:
+        z = x[:, 0]
+        y = target.to(acc)
+        # Stable BCE with logits: max(z, 0) - z y + log(1 + exp(-|z|)).
+        pixel_loss = z.clamp_min(0) - z * y + torch.log1p(torch.exp(-z.abs()))
+        grad = (torch.sigmoid(z) - y) * scale
+        grad = grad[:, None]
+    else:
+        logp = torch.log_softmax(x, dim=1)
+        tgt = target.long()[:, None]
+        pixel_loss = -logp.gather(1, tgt)[:, 0]
+        grad = torch.exp(logp)
+        grad.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=acc))
+        grad = grad * scale[:, None]
+    loss = (pixel_loss * scale).sum(dim=1)
+    return loss.to(torch.float32) if acc == torch.float32 else loss, grad.to(logits.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Op 2: multi-tensor clip + noise + update
+# --------------------------------------------------------------------------------------------------
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm over all tensors together, accumulated in float32 (float64 if any input is)."""
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    if not tensors:
+        return torch.zeros((), dtype=acc)
+    return torch.sqrt(sum((t.to(acc).square().sum() for t in tensors), torch.zeros((), dtype=acc,
+                                                                                   device=tensors[0].device)))
+
+
+def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """min(1, C / norm), equal to 1 for a zero norm."""
+    return torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-30), torch.ones_like(norm))
+
+
+def add_noise_(params: Sequence[torch.Tensor], *, sigma: float, seed: int, step: int,
+               stream: int = STREAM_UPDATE) -> None:
+    """params[j] += sigma * noise, element indices running over the concatenation of ``params``."""
+    if sigma == 0.0:
+        return
+    offset = 0
+    for p in params:
+        noise = gaussian_noise(p.numel(), seed=seed, step=step, offset=offset, stream=stream, device=p.device)
+        p.add_((sigma * noise).view_as(p).to(p.dtype))
+        offset += p.numel()
+
+
+def gradient_clipping_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    max_grad_norm: float,
+    weight_decay: float,
+    sigma: float,
+    seed: int,
+    step: int,
+) -> torch.Tensor:
+    """One step of the gradient-clipping operator, in place on ``params``; returns the gradient norm.
+
+        x <- x - lr * (clip(g, C1) + weight_decay * x) + sigma * noise(seed, step)
+
+    clip uses the global norm of all ``grads`` together.
+    """
+    norm = global_norm(grads)
+    factor = clip_factor(norm, max_grad_norm)
+    for p, g in zip(params, grads):
+        update = g.to(norm.dtype) * factor + weight_decay * p.to(norm.dtype)
+        p.sub_((lr * update).to(p.dtype))
+    add_noise_(params, sigma=sigma, seed=seed, step=step)
+    return norm
+
+
+def model_clipping_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    max_model_norm: float,
+    weight_decay: float,
+    sigma: float,
+    seed: int,
+    step: int,
+) -> torch.Tensor:
+    """One step of the model-clipping operator, in place; returns the pre-projection model norm.
+
+        y = x - lr * (g + weight_decay * x);   x <- clip(y, C2) + sigma * noise(seed, step)
+    """
+    for p, g in zip(params, grads):
+        update = g.to(torch.float32) + weight_decay * p.to(torch.float32)
+        p.sub_((lr * update).to(p.dtype))
+    norm = global_norm(params)
+    factor = clip_factor(norm, max_model_norm)
+    for p in params:
+        p.mul_(factor.to(p.dtype))
+    add_noise_(params, sigma=sigma, seed=seed, step=step)
+    return norm
+
+
+def dpsgd_step_(
+    params: Sequence[torch.Tensor],
+    summed_clipped_grads: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: float,
+    weight_decay: float,
+    seed: int,
+    step: int,
+) -> None:
+    """DP-SGD update from the sum of per-sample clipped gradients (Opacus' arithmetic):
+
+        g = (sum_i clip(g_i, C) + noise_multiplier * C * noise(seed, step)) / expected_batch_size
+        x <- x - lr * (g + weight_decay * x)
+    """
+    std = noise_multiplier * max_grad_norm
+    offset = 0
+    for p, g in zip(params, summed_clipped_grads):
+        noisy = g.to(torch.float32)
+        if std > 0.0:
+            noisy = noisy + std * gaussian_noise(p.numel(), seed=seed, step=step, offset=offset,
+                                                 device=p.device).view_as(p)
+        update = noisy / expected_batch_size + weight_decay * p.to(torch.float32)
+        p.sub_((lr * update).to(p.dtype))
+        offset += p.numel()

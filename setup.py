@@ -1,0 +1,52 @@
+"""Builds the optional compiled extension ``pyunlearn._C``.
+
+The C++ CPU kernels are always built. The CUDA kernels are added only when a CUDA toolkit and a CUDA
+build of torch are both present. ``PYUNLEARN_BUILD_EXT=0`` skips the extension entirely (the pure
+PyTorch reference then runs); ``PYUNLEARN_BUILD_CUDA=0|1`` skips or forces the CUDA part.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+
+def _flag(name, default=None):
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def _extensions():
+    if not _flag("PYUNLEARN_BUILD_EXT", True):
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/pyunlearn/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/pyunlearn/cuda/*.cu"))
+    want_cuda = _flag("PYUNLEARN_BUILD_CUDA", None)
+    have_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    use_cuda = bool(cuda_sources) and (have_cuda if want_cuda is None else want_cuda)
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    kwargs = dict(
+        name="pyunlearn._C",
+        extra_compile_args={"cxx": cxx + (["-DPYUNLEARN_WITH_CUDA"] if use_cuda else [])},
+        extra_link_args=["-fopenmp"],
+    )
+    if use_cuda:
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+        ext = CUDAExtension(sources=sources + cuda_sources, **kwargs)
+    else:
+        ext = CppExtension(sources=sources, **kwargs)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=find_packages(include=["pyunlearn", "pyunlearn.*"]) + ["pyunlearn._triton"],
+    package_dir={"pyunlearn._triton": "triton_kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
