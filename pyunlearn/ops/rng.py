@@ -58,8 +58,8 @@ def philox4x32_10(counter: tuple[torch.Tensor, ...], key: tuple[int, int]) -> tu
 
 
 def _check_seed(seed: int, step: int, stream: int) -> None:
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     if not 0 <= step < 2**32:
         raise ValueError(f"step must be in [0, 2**32), got {step}")
     if not 0 <= stream < 2**32:

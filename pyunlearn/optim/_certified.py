@@ -1,0 +1,223 @@
+"""Shared machinery of the certified unlearning optimizers.
+
+A certified optimizer owns a fixed set of parameters (the *certified* parameters), runs a planned
+number of noisy steps with counter-based noise keyed by ``(seed, step)``, and issues a
+:class:`~pyunlearn.certify.Certificate` only if the run satisfied the analysis' assumptions: every
+planned step taken, and the parameters changed by nothing but this optimizer.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any, Iterable, Optional
+
+import torch
+
+from .. import certify
+from .._validation import count, positive, probability
+
+_GLOBAL_KEY = "certified"
+
+
+def draw_secure_seed() -> int:
+    """A 63-bit seed from the operating system's entropy, the same on every rank of a DDP job."""
+    seed = secrets.randbits(63)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        holder = torch.tensor([seed], dtype=torch.int64)
+        torch.distributed.broadcast(holder, src=0)
+        seed = int(holder.item())
+    return seed
+
+
+def _fingerprint(params: list[torch.Tensor]) -> list[float]:
+    """Two float64 reductions per tensor: changes if anything writes to the parameters."""
+    with torch.no_grad():
+        values = []
+        for p in params:
+            values.append(p.sum(dtype=torch.float64))
+            values.append(torch.linalg.vector_norm(p, dtype=torch.float64))
+        return torch.stack(values).tolist() if values else []
+
+
+class CertifiedOptimizer(torch.optim.Optimizer):
+    """Base class: validation, seeding, step bookkeeping, tamper detection, ``state_dict``."""
+
+    operator: str = ""
+    #: hyper-parameters that must match for a checkpoint to load.
+    _identity_keys: tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable, defaults: dict, *, delta: float, steps: int,
+                 seed: Optional[int], secure_rng: Optional[bool]):
+        self._ready = False
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError(f"{type(self).__name__} takes one parameter group (its norms are global over all "
+                             f"certified parameters), got {len(self.param_groups)}")
+        group = self.param_groups[0]
+        if not group["params"]:
+            raise ValueError(f"{type(self).__name__} got an empty parameter list")
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(f"all certified parameters must be on one device, got {sorted(map(str, devices))}")
+        for i, p in enumerate(group["params"]):
+            if not p.is_floating_point():
+                raise TypeError(f"parameter {self._name(i)} must be floating point, got {p.dtype}")
+            if p.is_sparse:
+                raise TypeError(f"parameter {self._name(i)} is sparse; certified optimizers need dense tensors")
+        self.delta = probability(delta, "delta")
+        self.steps = count(steps, "steps")
+        if secure_rng and seed is not None:
+            raise ValueError("pass either seed= (reproducible noise) or secure_rng=True, not both")
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+                raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        self.seeded = seed is not None
+        self.seed = seed if seed is not None else draw_secure_seed()
+        self.step_count = 0
+        self._ready = True
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.param_groups[0]["params"]
+
+    @property
+    def hyper(self) -> dict:
+        return self.param_groups[0]
+
+    def _name(self, index: int) -> str:
+        names = self.param_groups[0].get("param_names") if self.param_groups else None
+        return repr(names[index]) if names else f"#{index}"
+
+    def param_names(self) -> list[str]:
+        names = self.hyper.get("param_names")
+        return list(names) if names else [f"param{i}" for i in range(len(self.params))]
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_ready", False):
+            raise RuntimeError(f"{type(self).__name__} cannot take new parameters after construction: "
+                               "the certificate covers a fixed parameter set")
+        super().add_param_group(param_group)
+
+    def _seal(self) -> None:
+        """Record the parameters as this optimizer left them."""
+        self._fingerprint = _fingerprint(self.params)
+
+    def _check_untouched(self, where: str, expected: Optional[list[float]] = None) -> None:
+        expected = self._fingerprint if expected is None else expected
+        # NOTE: a relative tolerance, because float64 reductions may round differently across machines
+        # or thread counts (a resumed run); any real edit of the parameters moves these far more.
+        current = _fingerprint(self.params)
+        if len(current) != len(expected) or not all(
+                math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-30) for a, b in zip(current, expected)):
+            raise certify.CertificateError(
+                f"{where}: the certified parameters were changed outside {type(self).__name__} since its last "
+                "step (another optimizer, load_state_dict, or a manual edit); the run no longer matches the "
+                "analysis. Start a new optimizer from the current model.")
+
+    def _gradients(self) -> list[torch.Tensor]:
+        """Dense, finite gradients (zeros for parameters that got none); raises before anything changes."""
+        grads = []
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                g = torch.zeros_like(p)
+            elif g.is_sparse:
+                raise TypeError(f"parameter {self._name(i)} has a sparse gradient; use dense gradients")
+            elif g.shape != p.shape:
+                raise ValueError(f"gradient of parameter {self._name(i)} has shape {tuple(g.shape)}, "
+                                 f"expected {tuple(p.shape)}")
+            grads.append(g)
+        finite = torch.stack([torch.isfinite(g).all() for g in grads])
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0])
+            raise ValueError(f"gradient of parameter {self._name(bad)} contains NaN or Inf; "
+                             "the step was not taken and the parameters are unchanged")
+        return grads
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.step_count >= self.steps:
+            raise RuntimeError(
+                f"{type(self).__name__}: all {self.steps} planned steps are done. Fine-tune further with a "
+                "plain optimizer on retain data only (post-processing keeps the guarantee).")
+        self._check_untouched(f"step {self.step_count}")
+        grads = self._gradients()
+        self._apply(grads)
+        self.step_count += 1
+        self._seal()
+        return loss
+
+    def _apply(self, grads: list[torch.Tensor]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def epsilon(self) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _assumptions(self) -> list[str]:
+        noise = ("noise seeded by the user: reproducible, NOT secret; for testing and reproducibility only"
+                 if self.seeded else "noise seed drawn from the operating system's entropy and kept secret")
+        return [
+            "the certified parameters are exactly the listed ones; every other parameter of the model never saw "
+            "the private training data (e.g. a frozen public encoder)",
+            "every gradient was computed on retain data only (no forget pixels)",
+            f"all {self.steps} planned steps were taken by this optimizer and nothing else changed the parameters",
+            "any later training uses retain data only (post-processing)",
+            noise,
+        ]
+
+    def certificate(self) -> certify.Certificate:
+        """The (epsilon, delta) certificate of the completed run; refuses when assumptions fail."""
+        if self.step_count < self.steps:
+            raise certify.CertificateError(
+                f"{type(self).__name__}: only {self.step_count} of the {self.steps} planned steps were taken; "
+                "no certificate for an incomplete run")
+        self._check_untouched("certificate")
+        eps = self.epsilon()
+        if not math.isfinite(eps):
+            raise certify.CertificateError(f"{type(self).__name__}: the analysis gives no finite epsilon")
+        hyper = {k: v for k, v in self.hyper.items() if k not in ("params", "param_names")}
+        hyper.update(steps=self.steps, seed=self.seed if self.seeded else None)
+        return certify.Certificate(epsilon=eps, delta=self.delta, operator=self.operator, hyperparameters=hyper,
+                                   parameters=self.param_names(), assumptions=self._assumptions(),
+                                   seeded=self.seeded)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state[_GLOBAL_KEY] = {
+            "operator": self.operator,
+            "step_count": self.step_count,
+            "steps": self.steps,
+            "delta": self.delta,
+            "seed": self.seed,
+            "seeded": self.seeded,
+            "fingerprint": list(self._fingerprint),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if _GLOBAL_KEY not in state_dict:
+            raise ValueError(f"not a {type(self).__name__} state_dict: missing the '{_GLOBAL_KEY}' entry")
+        saved = state_dict[_GLOBAL_KEY]
+        if saved.get("operator") != self.operator:
+            raise ValueError(f"state_dict is for operator {saved.get('operator')!r}, this is {self.operator!r}")
+        mismatched = [k for k in self._identity_keys
+                      if not math.isclose(float(state_dict["param_groups"][0][k]), float(self.hyper[k]),
+                                          rel_tol=1e-12, abs_tol=0.0)]
+        if saved["steps"] != self.steps or not math.isclose(saved["delta"], self.delta, rel_tol=1e-12):
+            mismatched.append("steps/delta")
+        if mismatched:
+            raise ValueError(f"state_dict hyper-parameters differ from this optimizer's: {mismatched}")
+        self._check_untouched("load_state_dict (the model's parameters do not match the checkpoint)",
+                              expected=list(saved["fingerprint"]))
+        plain = {k: v for k, v in state_dict.items() if k != _GLOBAL_KEY}
+        super().load_state_dict(plain)
+        self.step_count = int(saved["step_count"])
+        self.seed = int(saved["seed"])
+        self.seeded = bool(saved["seeded"])
+        self._fingerprint = list(saved["fingerprint"])

@@ -1,0 +1,71 @@
+"""Noisy fine-tuning with gradient clipping (Koloskova et al., ICML 2025)."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from .. import certify, ops
+from .._validation import positive
+from ._certified import CertifiedOptimizer
+from .. import _validation
+
+
+class GradientClipping(CertifiedOptimizer):
+    r"""Certified unlearning by noisy fine-tuning on retain data with a clipped mini-batch gradient.
+
+    At construction the parameters are projected onto the ball of radius ``c0`` (before any forward
+    pass, so every gradient is taken at a clipped model). Each ``step()`` then applies, with global
+    L2 norms over all parameters together,
+
+    .. math:: x \leftarrow x - \mathrm{lr}\,(\mathrm{clip}(\nabla L_r(x), c_1) + \lambda x) + \mathcal N(0, \sigma^2 I)
+
+    Give either ``sigma=`` or ``epsilon=`` (then ``sigma`` is calibrated for ``(epsilon, delta)`` over
+    ``steps`` steps). ``delta`` and ``steps`` are always required: the certificate is issued after
+    exactly ``steps`` steps. ``seed=`` makes the noise reproducible (and not secret); without it the
+    seed comes from the operating system's entropy.
+    """
+
+    operator = "gradient_clipping"
+    _identity_keys = ("lr", "c0", "c1", "weight_decay", "sigma")
+
+    def __init__(self, params: Iterable, *, lr: float, c0: float, c1: float, delta: float, steps: int,
+                 sigma: Optional[float] = None, epsilon: Optional[float] = None, weight_decay: float = 0.0,
+                 seed: Optional[int] = None, secure_rng: Optional[bool] = None):
+        lr = positive(lr, "lr")
+        c0 = positive(c0, "c0")
+        c1 = positive(c1, "c1")
+        weight_decay = positive(weight_decay, "weight_decay", allow_zero=True)
+        if not lr * weight_decay < 1:
+            raise ValueError(f"lr * weight_decay must be < 1 (a contraction), got {lr * weight_decay!r}")
+        _validation.count(steps, "steps")
+        _validation.probability(delta, "delta")
+        if (sigma is None) == (epsilon is None):
+            raise ValueError("pass exactly one of sigma= (noise level) or epsilon= (to calibrate sigma)")
+        accounting = dict(steps=steps, lr=lr, c0=c0, c1=c1, weight_decay=weight_decay)
+        if sigma is None:
+            epsilon = positive(epsilon, "epsilon")
+            sigma = certify.sigma_gradient_clipping(epsilon=epsilon, delta=delta, **accounting)
+        else:
+            sigma = positive(sigma, "sigma", allow_zero=True)
+        defaults = dict(lr=lr, c0=c0, c1=c1, weight_decay=weight_decay, sigma=sigma)
+        super().__init__(params, defaults, delta=delta, steps=steps, seed=seed, secure_rng=secure_rng)
+        with torch.no_grad():
+            norm = ops.global_norm(self.params)
+            factor = torch.clamp(c0 / norm.clamp_min(1e-30), max=1.0)
+            for p in self.params:
+                p.mul_(factor.to(p.dtype))
+        self._seal()
+
+    def _apply(self, grads: list[torch.Tensor]) -> None:
+        h = self.hyper
+        self.last_grad_norm = float(ops.gradient_clipping_step_(
+            self.params, grads, lr=h["lr"], max_grad_norm=h["c1"], weight_decay=h["weight_decay"],
+            sigma=h["sigma"], seed=self.seed, step=self.step_count))
+
+    def epsilon(self) -> float:
+        h = self.hyper
+        if h["sigma"] == 0:
+            return float("inf")
+        return certify.epsilon_gradient_clipping(sigma=h["sigma"], delta=self.delta, steps=self.steps, lr=h["lr"],
+                                                 c0=h["c0"], c1=h["c1"], weight_decay=h["weight_decay"])

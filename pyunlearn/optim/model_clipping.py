@@ -1,0 +1,92 @@
+"""Noisy fine-tuning with model clipping (projected noisy GD; hockey-stick contraction accounting)."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from .. import _validation, certify, ops
+from .._validation import positive
+from ..ops.rng import STREAM_INIT
+from ._certified import CertifiedOptimizer
+
+
+def epsilon_model_clipping(*, delta: float, sigma: float, sigma0: float, steps: int, c0: float, c2: float,
+                           tolerance: float = 1e-4) -> float:
+    """Smallest epsilon (up to ``tolerance``, rounded up) with ``delta_model_clipping(epsilon) <= delta``."""
+    def certified(eps: float) -> bool:
+        return certify.delta_model_clipping(epsilon=eps, sigma=sigma, sigma0=sigma0, steps=steps,
+                                            c0=c0, c2=c2) <= delta
+
+    hi = 1.0
+    while not certified(hi):
+        hi *= 2.0
+        if hi > 1e6:
+            return float("inf")
+    lo = 0.0
+    while hi - lo > tolerance * max(hi, 1e-3):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if certified(mid) else (mid, hi)
+    return hi
+
+
+class ModelClipping(CertifiedOptimizer):
+    r"""Certified unlearning by projected noisy gradient descent on retain data.
+
+    At construction: :math:`x_0 = \mathrm{clip}(\hat x, c_0) + \mathcal N(0, \sigma_0^2 I)` (``sigma0=0``
+    allowed; the clip makes ``c0`` a true bound on the trained model's norm). Each ``step()``:
+
+    .. math:: x \leftarrow \mathrm{clip}(x - \mathrm{lr}(\nabla L_r(x) + \lambda x), c_2) + \mathcal N(0, \sigma^2 I)
+
+    ``epsilon`` and ``delta`` are the target; give ``sigma=`` to fix the noise (the certificate then
+    reports the smallest epsilon the run achieves at ``delta``) or leave it out to calibrate it.
+    """
+
+    operator = "model_clipping"
+    _identity_keys = ("lr", "c0", "c2", "weight_decay", "sigma", "sigma0")
+
+    def __init__(self, params: Iterable, *, lr: float, c2: float, delta: float, steps: int,
+                 epsilon: Optional[float] = None, sigma: Optional[float] = None, sigma0: float = 0.0,
+                 c0: Optional[float] = None, weight_decay: float = 0.0, seed: Optional[int] = None,
+                 secure_rng: Optional[bool] = None):
+        lr = positive(lr, "lr")
+        c2 = positive(c2, "c2")
+        sigma0 = positive(sigma0, "sigma0", allow_zero=True)
+        c0 = c2 if c0 is None else positive(c0, "c0")
+        weight_decay = positive(weight_decay, "weight_decay", allow_zero=True)
+        if not lr * weight_decay < 1:
+            raise ValueError(f"lr * weight_decay must be < 1, got {lr * weight_decay!r}")
+        _validation.count(steps, "steps")
+        _validation.probability(delta, "delta")
+        if sigma is None:
+            if epsilon is None:
+                raise ValueError("pass sigma= (noise level) or epsilon= (to calibrate sigma)")
+            epsilon = positive(epsilon, "epsilon")
+            sigma = certify.sigma_model_clipping(epsilon=epsilon, delta=delta, sigma0=sigma0, steps=steps,
+                                                 c0=c0, c2=c2)
+        else:
+            sigma = positive(sigma, "sigma", allow_zero=True)
+            if epsilon is not None:
+                positive(epsilon, "epsilon")
+        defaults = dict(lr=lr, c0=c0, c2=c2, weight_decay=weight_decay, sigma=sigma, sigma0=sigma0)
+        super().__init__(params, defaults, delta=delta, steps=steps, seed=seed, secure_rng=secure_rng)
+        with torch.no_grad():
+            norm = ops.global_norm(self.params)
+            factor = torch.clamp(c0 / norm.clamp_min(1e-30), max=1.0)
+            for p in self.params:
+                p.mul_(factor.to(p.dtype))
+            ops.add_noise_(self.params, sigma=sigma0, seed=self.seed, step=0, stream=STREAM_INIT)
+        self._seal()
+
+    def _apply(self, grads: list[torch.Tensor]) -> None:
+        h = self.hyper
+        self.last_model_norm = float(ops.model_clipping_step_(
+            self.params, grads, lr=h["lr"], max_model_norm=h["c2"], weight_decay=h["weight_decay"],
+            sigma=h["sigma"], seed=self.seed, step=self.step_count))
+
+    def epsilon(self) -> float:
+        h = self.hyper
+        if h["sigma"] == 0:
+            return float("inf")
+        return epsilon_model_clipping(delta=self.delta, sigma=h["sigma"], sigma0=h["sigma0"], steps=self.steps,
+                                      c0=h["c0"], c2=h["c2"])

@@ -1,0 +1,75 @@
+"""The retain and forget pixel sets of a segmentation data set with a fraction of fine masks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._validation import check_binary_mask, check_same_shape, check_tensor
+from ..masks import forget_retain
+
+__all__ = ["SegmentationUnlearningData"]
+
+
+@dataclass
+class SegmentationUnlearningData:
+    """Pixels as samples.
+
+    Attributes (N images of H x W):
+        images: (N, C, H, W) float inputs.
+        target: (N, H, W) int64 label of every retain pixel (fine label on fine-labelled images,
+            background outside the coarse mask elsewhere).
+        retain: (N, H, W) bool, the retain pixels D_r an operator may train on.
+        forget: (N, H, W) bool, the known forget pixels D_f (coarse 1, fine 0, on fine-labelled images).
+        coarse: (N, H, W) int64 coarse labels the original model was trained on.
+        has_fine: (N,) bool, the image has a fine mask.
+    """
+
+    images: torch.Tensor
+    target: torch.Tensor
+    retain: torch.Tensor
+    forget: torch.Tensor
+    coarse: torch.Tensor
+    has_fine: torch.Tensor
+
+    @classmethod
+    def from_masks(cls, images: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor, has_fine: torch.Tensor,
+                   *, coarse_background: bool = True) -> "SegmentationUnlearningData":
+        """Build the pixel sets from coarse masks, fine masks and which images have a fine mask.
+
+        ``fine`` is only read on images with ``has_fine``. With ``coarse_background`` the pixels
+        outside the coarse mask of coarse-only images (certainly background) join the retain set;
+        the inside of a coarse mask without a fine one never does.
+        """
+        for name, t in (("images", images), ("coarse", coarse), ("fine", fine), ("has_fine", has_fine)):
+            check_tensor(t, name)
+        if images.dim() != 4:
+            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        n, _, h, w = images.shape
+        if tuple(coarse.shape) != (n, h, w):
+            raise ValueError(f"coarse must be (N, H, W) = {(n, h, w)} to match images, got {tuple(coarse.shape)}")
+        check_same_shape(coarse, fine, "coarse", "fine")
+        if tuple(has_fine.shape) != (n,):
+            raise ValueError(f"has_fine must be ({n},), got {tuple(has_fine.shape)}")
+        check_binary_mask(has_fine, "has_fine")
+        has_fine = has_fine.bool()
+        coarse_b = coarse.bool() if coarse.dtype == torch.bool else (check_binary_mask(coarse, "coarse") or coarse.bool())
+        fine_b = fine.bool() if fine.dtype == torch.bool else (check_binary_mask(fine, "fine") or fine.bool())
+        forget_all, _ = forget_retain(coarse_b[has_fine], fine_b[has_fine])
+        forget = torch.zeros_like(coarse_b)
+        forget[has_fine] = forget_all
+        fine_img = has_fine[:, None, None]
+        retain = fine_img.expand_as(coarse_b).clone()
+        if coarse_background:
+            retain |= ~coarse_b
+        target = torch.where(fine_img, fine_b, coarse_b).long()
+        return cls(images=images, target=target, retain=retain, forget=forget, coarse=coarse_b.long(),
+                   has_fine=has_fine)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def relabelled_target(self) -> torch.Tensor:
+        """Coarse labels with the known forget pixels relabelled to background (fine labels where known)."""
+        return torch.where(self.has_fine[:, None, None], self.target, self.coarse)

@@ -1,0 +1,319 @@
+"""Unlearning operators for segmentation: forget the coarse-mask artefacts D_f of a trained model.
+
+Every operator takes a model and a :class:`SegmentationUnlearningData`, never modifies the model it
+is given (it works on a copy), and returns ``(model, record)``. The record holds the hyper-parameters,
+the wall time, the loss curve, an optional evaluation trajectory, and the certificate (or ``None``).
+
+When the model's encoder is frozen (a public encoder), its features are computed once and only the
+decoder trains: the certified parameter set is exactly the trainable parameters.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .. import certify, ops
+from ..losses import masked_cross_entropy
+from ..optim import GradientClipping, ModelClipping
+from ..ops.rng import STREAM_INIT
+from .data import SegmentationUnlearningData
+
+__all__ = [
+    "finetune", "retrain", "relabel", "neggrad_seg", "gradient_clipping", "model_clipping",
+    "output_perturbation", "train_segmenter",
+]
+
+EvalFn = Callable[[nn.Module], dict]
+
+
+class _Inputs:
+    """Model inputs by index: cached encoder features when the encoder is frozen, images otherwise."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, chunk: int = 256):
+        self.model = model
+        self.cached = getattr(model, "encoder_frozen", False) and hasattr(model, "decoder")
+        if self.cached:
+            with torch.no_grad():
+                parts = [model.encoder(images[i:i + chunk]) for i in range(0, images.shape[0], chunk)]
+            self.features = tuple(torch.cat(level) for level in zip(*parts))
+        else:
+            self.images = images
+
+    def logits(self, index: torch.Tensor) -> torch.Tensor:
+        if self.cached:
+            return self.model.decoder(tuple(f[index] for f in self.features))
+        return self.model(self.images[index])
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters")
+    return named
+
+
+def _batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """Endless shuffled mini-batches (epochs without replacement)."""
+    while True:
+        order = indices[torch.randperm(indices.numel(), generator=generator)]
+        for i in range(0, order.numel() - batch_size + 1 if order.numel() >= batch_size else 1, batch_size):
+            yield order[i:i + batch_size]
+
+
+def _check_loss(loss: torch.Tensor, step: int, method: str) -> None:
+    if not torch.isfinite(loss):
+        raise ValueError(f"{method}: the loss at step {step} is {loss.item()} (NaN/Inf); the step was not taken "
+                         "and the model is unchanged from the previous step")
+
+
+def _retain_indices(data: SegmentationUnlearningData, mask: torch.Tensor) -> torch.Tensor:
+    idx = mask.flatten(1).any(dim=1).nonzero().flatten()
+    if idx.numel() == 0:
+        raise ValueError("no image has any pixel to train on (empty retain set)")
+    return idx
+
+
+def _retain_loss(logits, data, index):
+    return masked_cross_entropy(logits, data.target[index], data.retain[index])
+
+
+def _run(model: nn.Module, data: SegmentationUnlearningData, optimizer: torch.optim.Optimizer, *, steps: int,
+         batch_size: int, seed: int, method: str, loss_fn=_retain_loss, index_mask: Optional[torch.Tensor] = None,
+         inputs: Optional[_Inputs] = None, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
+         step_offset: int = 0, progress: bool = False, record: Optional[dict] = None) -> dict:
+    """The shared training loop; appends to ``record['losses']`` and ``record['trajectory']``."""
+    record = record if record is not None else {"losses": [], "trajectory": []}
+    if steps == 0:
+        return record
+    inputs = inputs or _Inputs(model, data.images)
+    gen = torch.Generator().manual_seed(seed)
+    pool = _retain_indices(data, data.retain if index_mask is None else index_mask)
+    batches = _batches(pool, min(batch_size, pool.numel()), gen)
+    model.train()
+    for step in tqdm(range(steps), desc=method, disable=not progress, leave=False):
+        index = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(inputs.logits(index), data, index)
+        _check_loss(loss, step_offset + step, method)
+        loss.backward()
+        optimizer.step()
+        record["losses"].append(float(loss))
+        if eval_fn is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            model.eval()
+            record["trajectory"].append({"step": step_offset + step + 1, **eval_fn(model)})
+            model.train()
+    model.eval()
+    return record
+
+
+def _start(model: nn.Module, inplace: bool) -> nn.Module:
+    return model if inplace else copy.deepcopy(model)
+
+
+def _finish(record: dict, method: str, t0: float, **hyper) -> dict:
+    record.update(method=method, wall_s=time.perf_counter() - t0, hyperparameters=hyper)
+    record.setdefault("certificate", None)
+    return record
+
+
+def _adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam([p for _, p in _trainable(model)], lr=lr)
+
+
+def train_segmenter(model: nn.Module, data: SegmentationUnlearningData, *, target: str = "retain",
+                    steps: int = 400, lr: float = 1e-2, batch_size: int = 32, seed: int = 0,
+                    inplace: bool = True, progress: bool = False, method: str = "train") -> tuple[nn.Module, dict]:
+    """Supervised training of the trainable parameters on all pixels with labels ``data.target``
+    (``target="all"``) or on the retain pixels only (``target="retain"``)."""
+    t0 = time.perf_counter()
+    model = _start(model, inplace)
+    if target == "all":
+        everything = torch.ones_like(data.retain)
+
+        def loss_fn(logits, d, index):
+            return masked_cross_entropy(logits, d.target[index], everything[index])
+    elif target == "retain":
+        loss_fn = _retain_loss
+    else:
+        raise ValueError(f"target must be 'all' or 'retain', got {target!r}")
+    record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method=method,
+                  loss_fn=loss_fn, index_mask=torch.ones_like(data.retain) if target == "all" else None,
+                  progress=progress)
+    return model, _finish(record, method, t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+
+
+def finetune(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 300, lr: float = 5e-3,
+             batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
+             inplace: bool = False, progress: bool = False) -> tuple[nn.Module, dict]:
+    """Plain fine-tuning (Adam) on the retain pixels. Not certified."""
+    t0 = time.perf_counter()
+    model = _start(model, inplace)
+    record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="finetune",
+                  eval_fn=eval_fn, eval_every=eval_every, progress=progress)
+    return model, _finish(record, "finetune", t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+
+
+def retrain(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 600, lr: float = 1e-2,
+            batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
+            inplace: bool = False, progress: bool = False) -> tuple[nn.Module, dict]:
+    """Exact-unlearning reference: re-initialise the trainable parameters and train on retain pixels only."""
+    t0 = time.perf_counter()
+    model = _start(model, inplace)
+    if hasattr(model, "reset_decoder") and getattr(model, "encoder_frozen", False):
+        model.reset_decoder(seed)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for m in model.modules():
+                if hasattr(m, "reset_parameters") and any(p.requires_grad for p in m.parameters(recurse=False)):
+                    m.reset_parameters()
+    record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="retrain",
+                  eval_fn=eval_fn, eval_every=eval_every, progress=progress)
+    return model, _finish(record, "retrain", t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+
+
+def relabel(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 300, lr: float = 5e-3,
+            batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
+            inplace: bool = False, progress: bool = False) -> tuple[nn.Module, dict]:
+    """The isomorphism used directly: fine-tune on all pixels with the known forget pixels relabelled to
+    background (coarse labels elsewhere). Not certified: the coarse insides of coarse-only images stay."""
+    t0 = time.perf_counter()
+    model = _start(model, inplace)
+    everything = torch.ones_like(data.retain)
+    relabelled = data.relabelled_target
+
+    def loss_fn(logits, d, index):
+        return masked_cross_entropy(logits, relabelled[index], everything[index])
+
+    record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="relabel",
+                  loss_fn=loss_fn, index_mask=everything, eval_fn=eval_fn, eval_every=eval_every,
+                  progress=progress)
+    return model, _finish(record, "relabel", t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+
+
+def neggrad_seg(model: nn.Module, data: SegmentationUnlearningData, *, beta: float = 0.9, steps: int = 300,
+                lr: float = 5e-3, batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None,
+                eval_every: int = 0, inplace: bool = False, progress: bool = False) -> tuple[nn.Module, dict]:
+    """Per-pixel NegGrad+: ``beta * L(D_r) - (1 - beta) * L(D_f, coarse labels)``. Not certified."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    t0 = time.perf_counter()
+    model = _start(model, inplace)
+
+    def loss_fn(logits, d, index):
+        keep = masked_cross_entropy(logits, d.target[index], d.retain[index])
+        forget = masked_cross_entropy(logits, d.coarse[index], d.forget[index])
+        return beta * keep - (1.0 - beta) * forget
+
+    record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed,
+                  method="neggrad_seg", loss_fn=loss_fn, eval_fn=eval_fn, eval_every=eval_every, progress=progress)
+    return model, _finish(record, "neggrad_seg", t0, beta=beta, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+
+
+def _certified_run(model, data, optimizer_cls, optimizer_kwargs, *, method, steps, batch_size, seed,
+                   finetune_steps, finetune_lr, eval_fn, eval_every, progress):
+    """Noisy certified phase on retain data, then optional noise-free fine-tuning on retain data
+    (post-processing: the guarantee is unchanged)."""
+    t0 = time.perf_counter()
+    named = _trainable(model)
+    optimizer = optimizer_cls(named, steps=steps, **optimizer_kwargs)
+    inputs = _Inputs(model, data.images)
+    record = {"losses": [], "trajectory": []}
+    if eval_fn is not None and eval_every:
+        record["trajectory"].append({"step": 0, **eval_fn(model)})
+    _run(model, data, optimizer, steps=steps, batch_size=batch_size, seed=seed, method=method, inputs=inputs,
+         eval_fn=eval_fn, eval_every=eval_every, progress=progress, record=record)
+    certificate = optimizer.certificate()
+    record["noisy_steps"] = steps
+    _run(model, data, _adam(model, finetune_lr), steps=finetune_steps, batch_size=batch_size, seed=seed + 1,
+         method=f"{method} (post-processing)", inputs=inputs, eval_fn=eval_fn, eval_every=eval_every,
+         step_offset=steps, progress=progress, record=record)
+    record["certificate"] = certificate.to_dict()
+    hyper = {k: v for k, v in optimizer.hyper.items() if k not in ("params", "param_names")}
+    return model, _finish(record, method, t0, **hyper, steps=steps, batch_size=batch_size, seed=seed,
+                          finetune_steps=finetune_steps, finetune_lr=finetune_lr)
+
+
+def gradient_clipping(model: nn.Module, data: SegmentationUnlearningData, *, epsilon: float = 1.0,
+                      delta: float = 1e-5, steps: int = 100, lr: float = 0.05, c0: float = 1.0, c1: float = 1.0,
+                      weight_decay: float = 0.0, sigma: Optional[float] = None, finetune_steps: int = 300,
+                      finetune_lr: float = 5e-3, batch_size: int = 32, seed: int = 0,
+                      noise_seed: Optional[int] = None, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
+                      inplace: bool = False, progress: bool = False) -> tuple[nn.Module, dict]:
+    """Certified (epsilon, delta) unlearning by noisy clipped-gradient fine-tuning
+    (:class:`~pyunlearn.optim.GradientClipping`), then noise-free fine-tuning on retain data.
+
+    ``noise_seed=None`` draws the noise seed from the operating system (a secret seed)."""
+    model = _start(model, inplace)
+    kwargs = dict(lr=lr, c0=c0, c1=c1, delta=delta, weight_decay=weight_decay, seed=noise_seed)
+    kwargs.update(sigma=sigma) if sigma is not None else kwargs.update(epsilon=epsilon)
+    return _certified_run(model, data, GradientClipping, kwargs, method="gradient_clipping", steps=steps,
+                          batch_size=batch_size, seed=seed, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                          eval_fn=eval_fn, eval_every=eval_every, progress=progress)
+
+
+def model_clipping(model: nn.Module, data: SegmentationUnlearningData, *, epsilon: float = 1.0,
+                   delta: float = 1e-5, steps: int = 5, lr: float = 0.05, c2: float = 5.0,
+                   c0: Optional[float] = None, sigma0: float = 0.0, weight_decay: float = 0.0,
+                   sigma: Optional[float] = None, finetune_steps: int = 300, finetune_lr: float = 5e-3,
+                   batch_size: int = 32, seed: int = 0, noise_seed: Optional[int] = None,
+                   eval_fn: Optional[EvalFn] = None, eval_every: int = 0, inplace: bool = False,
+                   progress: bool = False) -> tuple[nn.Module, dict]:
+    """Certified (epsilon, delta) unlearning by projected noisy gradient descent
+    (:class:`~pyunlearn.optim.ModelClipping`), then noise-free fine-tuning on retain data."""
+    model = _start(model, inplace)
+    kwargs = dict(lr=lr, c2=c2, c0=c0, sigma0=sigma0, delta=delta, weight_decay=weight_decay, seed=noise_seed,
+                  epsilon=epsilon, sigma=sigma)
+    return _certified_run(model, data, ModelClipping, kwargs, method="model_clipping", steps=steps,
+                          batch_size=batch_size, seed=seed, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                          eval_fn=eval_fn, eval_every=eval_every, progress=progress)
+
+
+def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, epsilon: float = 1.0,
+                        delta: float = 1e-5, c0: float = 1.0, finetune_steps: int = 300, finetune_lr: float = 5e-3,
+                        batch_size: int = 32, seed: int = 0, noise_seed: Optional[int] = None,
+                        eval_fn: Optional[EvalFn] = None, eval_every: int = 0, inplace: bool = False,
+                        progress: bool = False) -> tuple[nn.Module, dict]:
+    """Baseline: ``clip(x, c0) + N(0, sigma0^2 I)`` with sigma0 from
+    :func:`~pyunlearn.certify.sigma_output_perturbation`, then noise-free fine-tuning on retain data."""
+    t0 = time.perf_counter()
+    model = _start(model, inplace)
+    named = _trainable(model)
+    params = [p for _, p in named]
+    sigma0 = certify.sigma_output_perturbation(epsilon=epsilon, delta=delta, c0=c0)
+    seeded = noise_seed is not None
+    if seeded and (isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or not 0 <= noise_seed < 2**63):
+        raise ValueError(f"noise_seed must be an int in [0, 2**63), got {noise_seed!r}")
+    from ..optim._certified import draw_secure_seed
+
+    noise_seed = noise_seed if seeded else draw_secure_seed()
+    with torch.no_grad():
+        factor = torch.clamp(c0 / ops.global_norm(params).clamp_min(1e-30), max=1.0)
+        for p in params:
+            p.mul_(factor.to(p.dtype))
+        ops.add_noise_(params, sigma=sigma0, seed=noise_seed, step=0, stream=STREAM_INIT)
+    record = {"losses": [], "trajectory": []}
+    if eval_fn is not None and eval_every:
+        record["trajectory"].append({"step": 0, **eval_fn(model)})
+    _run(model, data, _adam(model, finetune_lr), steps=finetune_steps, batch_size=batch_size, seed=seed,
+         method="output_perturbation (post-processing)", eval_fn=eval_fn, eval_every=eval_every, progress=progress,
+         record=record)
+    certificate = certify.Certificate(
+        epsilon=float(epsilon), delta=float(delta), operator="output_perturbation",
+        hyperparameters={"c0": c0, "sigma0": sigma0, "seed": noise_seed if seeded else None},
+        parameters=[n for n, _ in named],
+        assumptions=["the certified parameters are exactly the listed ones; every other parameter never saw the "
+                     "private training data",
+                     "later fine-tuning used retain data only (post-processing)",
+                     "noise seeded by the user: reproducible, NOT secret" if seeded
+                     else "noise seed drawn from the operating system's entropy and kept secret"],
+        seeded=seeded)
+    record["certificate"] = certificate.to_dict()
+    return model, _finish(record, "output_perturbation", t0, epsilon=epsilon, delta=delta, c0=c0, sigma0=sigma0,
+                          finetune_steps=finetune_steps, finetune_lr=finetune_lr, seed=seed)
