@@ -36,6 +36,8 @@ def _check_inputs(logits, target, mask, weight) -> None:
             raise ValueError(f"weight must have shape ({b},) (one value per sample), got {tuple(weight.shape)}")
         if not weight.is_floating_point():
             raise TypeError(f"weight must be floating point, got dtype {weight.dtype}")
+        if weight.requires_grad:
+            raise ValueError("weight is a constant of the loss (no gradient flows to it); pass weight.detach()")
     check_same_device({"logits": logits, "target": target, "mask": mask, "weight": weight})
     if target.is_floating_point() or target.dtype == torch.bool:
         if k != 1:
@@ -64,7 +66,8 @@ def masked_cross_entropy(
             binary model scored with the sigmoid; ``K >= 2`` uses the softmax.
         target: ``(B, H, W)`` integer class indices (``0/1`` for ``K == 1``; bool or 0/1 floats accepted).
         mask: ``(B, H, W)`` binary; the pixels that enter the loss.
-        weight: optional ``(B,)`` per-sample weight; may be negative (the forget term of NegGrad).
+        weight: optional ``(B,)`` per-sample weight, a constant (no gradient); may be negative (the
+            forget term of NegGrad).
         reduction: ``"none"`` gives the ``(B,)`` per-sample losses
             ``weight[b] * mean_{p in mask[b]} ce(p)``; ``"sum"`` their sum; ``"mean"`` their sum over B.
             A sample with an empty mask contributes 0 (never NaN).

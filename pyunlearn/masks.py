@@ -47,7 +47,7 @@ def _bbox(mask: torch.Tensor, margin: int) -> torch.Tensor:
     right = torch.where(cols, ar_w, -1).amax(dim=1) + margin
     inside_r = (ar_h[None] >= top[:, None]) & (ar_h[None] <= bottom[:, None])
     inside_c = (ar_w[None] >= left[:, None]) & (ar_w[None] <= right[:, None])
-    box = inside_r[:, :, None] & inside_c[:, None, :]
+    box = inside_r[:, :, None] & inside_c[:, None, :] & rows.any(dim=1)[:, None, None]
     return box.reshape(mask.shape)
 
 

@@ -36,7 +36,7 @@ class Decoder(nn.Module):
 
     def __init__(self, in_channels: tuple[int, int] = (16, 32), width: int = 16, num_classes: int = 1):
         super().__init__()
-        self.fuse = nn.Conv2d(in_channels[0] + in_channels[1], width, 3, padding=1)
+        self.fuse = nn.Conv2d(in_channels[0] + in_channels[1], width, 1)
         self.norm = nn.GroupNorm(4, width)
         self.refine = nn.Conv2d(width, width, 3, padding=1)
         self.head = nn.Conv2d(width, num_classes, 1)

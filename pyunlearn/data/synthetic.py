@@ -60,7 +60,7 @@ class SyntheticShortcuts(torch.utils.data.Dataset):
         fine_fraction: float = 0.1,
         seed: int = 0,
     ):
-        if not isinstance(count, int) or count < 1:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"count must be a positive int, got {count!r}")
         if not isinstance(image_size, int) or image_size < 16:
             raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
@@ -69,6 +69,8 @@ class SyntheticShortcuts(torch.utils.data.Dataset):
             raise ValueError(f"artefact_kinds must be a non-empty subset of {ARTEFACT_KINDS}, got {list(artefact_kinds)}")
         if not -1.0 <= correlation <= 1.0:
             raise ValueError(f"correlation must be in [-1, 1], got {correlation!r}")
+        if isinstance(dilation_radius, bool) or not isinstance(dilation_radius, int) or dilation_radius < 0:
+            raise ValueError(f"dilation_radius must be a non-negative int, got {dilation_radius!r}")
         if not 0.0 <= fine_fraction <= 1.0:
             raise ValueError(f"fine_fraction must be in [0, 1], got {fine_fraction!r}")
         self.count = count
@@ -95,6 +97,31 @@ class SyntheticShortcuts(torch.utils.data.Dataset):
     @staticmethod
     def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
         return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+    def _artefact(self, gen, kind, xx, yy, theta, dist, cx, cy, radius, wobble, scale) -> torch.Tensor:
+        """Pixel map of one artefact of ``kind`` touching the lesion from a random direction."""
+        u = self._uniform
+        direction = u(gen, 0, 2 * math.pi)
+        edge = radius * 1.1 + 1.0  # just outside the lesion outline
+        ex, ey = cx + edge * math.cos(direction), cy + edge * math.sin(direction)
+        if kind == "ruler":  # a dark bar running outward from the lesion, with tick marks
+            length = scale * u(gen, 8.0, 12.0)
+            along = (xx - ex) * math.cos(direction) + (yy - ey) * math.sin(direction)
+            across = -(xx - ex) * math.sin(direction) + (yy - ey) * math.cos(direction)
+            bar = (along >= 0) & (along <= length) & (across.abs() <= 1.0 * scale)
+            ticks = (along >= 0) & (along <= length) & (across > 0) & (across <= 2.6 * scale) & (
+                torch.remainder(along, 3.0 * scale) < 1.0)
+            return bar | ticks
+        if kind == "ink":  # a marker arc hugging the lesion
+            span = u(gen, 0.5, 0.9) * math.pi
+            delta = torch.remainder(theta - direction + math.pi, 2 * math.pi) - math.pi
+            ring = (dist - radius * wobble - 2.0 * scale).abs() <= 1.0 * scale
+            return ring & (delta.abs() <= span / 2)
+        # gel bubble: a bright ring touching the lesion
+        r_b = scale * u(gen, 3.0, 4.2)
+        bx, by = cx + (edge + r_b) * math.cos(direction), cy + (edge + r_b) * math.sin(direction)
+        d_b = torch.sqrt((yy - by) ** 2 + (xx - bx) ** 2)
+        return (d_b <= r_b) & (d_b >= r_b - 1.3 * scale)
 
     def _draw(self, gen: torch.Generator) -> _Sample:
         s = self.image_size
@@ -130,32 +157,16 @@ class SyntheticShortcuts(torch.utils.data.Dataset):
         if has_artefact:
             k = int(torch.randint(len(self.artefact_kinds), (), generator=gen))
             kind = self.artefact_kinds[k]
-            flags[k] = 1.0
-            direction = u(gen, 0, 2 * math.pi)
-            edge = radius * 1.1 + 1.0  # just outside the lesion outline
-            ex, ey = cx + edge * math.cos(direction), cy + edge * math.sin(direction)
-            if kind == "ruler":  # a dark bar running outward from the lesion, with tick marks
-                length = scale * u(gen, 8.0, 12.0)
-                along = (xx - ex) * math.cos(direction) + (yy - ey) * math.sin(direction)
-                across = -(xx - ex) * math.sin(direction) + (yy - ey) * math.cos(direction)
-                bar = (along >= 0) & (along <= length) & (across.abs() <= 1.0 * scale)
-                ticks = (along >= 0) & (along <= length) & (across > 0) & (across <= 2.6 * scale) & (
-                    torch.remainder(along, 3.0 * scale) < 1.0)
-                artefact_map = bar | ticks
-            elif kind == "ink":  # a marker arc hugging the lesion
-                span = u(gen, 0.5, 0.9) * math.pi
-                delta = torch.remainder(theta - direction + math.pi, 2 * math.pi) - math.pi
-                ring = (dist - radius * wobble - 2.0 * scale).abs() <= 1.0 * scale
-                artefact_map = ring & (delta.abs() <= span / 2)
-            else:  # gel bubble: a bright ring touching the lesion
-                r_b = scale * u(gen, 3.0, 4.2)
-                bx, by = cx + (edge + r_b) * math.cos(direction), cy + (edge + r_b) * math.sin(direction)
-                d_b = torch.sqrt((yy - by) ** 2 + (xx - bx) ** 2)
-                artefact_map = (d_b <= r_b) & (d_b >= r_b - 1.3 * scale)
-            artefact_map = artefact_map & ~fine
-            colour = torch.tensor(_ARTEFACT_COLOURS[kind])
-            image = torch.where(artefact_map[None], colour[:, None, None] + 0.02 * torch.randn(3, s, s, generator=gen),
-                                image)
+            # Redraw the direction until the artefact lands (at least partly) inside the image.
+            for _ in range(16):
+                artefact_map = self._artefact(gen, kind, xx, yy, theta, dist, cx, cy, radius, wobble, scale) & ~fine
+                if artefact_map.any():
+                    break
+            if artefact_map.any():
+                flags[k] = 1.0
+                colour = torch.tensor(_ARTEFACT_COLOURS[kind])
+                image = torch.where(artefact_map[None],
+                                    colour[:, None, None] + 0.02 * torch.randn(3, s, s, generator=gen), image)
         image = image.clamp(0.0, 1.0)
         # The quick annotator outlines lesion and touching artefact together, then dilates.
         coarse = coarsen(fine | artefact_map, radius=self.dilation_radius)

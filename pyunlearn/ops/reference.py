@@ -127,8 +127,9 @@ def model_clipping_step_(
 
         y = x - lr * (g + weight_decay * x);   x <- clip(y, C2) + sigma * noise(seed, step)
     """
+    acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     for p, g in zip(params, grads):
-        update = g.to(torch.float32) + weight_decay * p.to(torch.float32)
+        update = g.to(acc) + weight_decay * p.to(acc)
         p.sub_((lr * update).to(p.dtype))
     norm = global_norm(params)
     factor = clip_factor(norm, max_model_norm)

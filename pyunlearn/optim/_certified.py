@@ -30,7 +30,8 @@ def draw_secure_seed() -> int:
 
 
 def _fingerprint(params: list[torch.Tensor]) -> list[float]:
-    """Two float64 reductions per tensor: changes if anything writes to the parameters."""
+    """Sum and L2 norm of each tensor in float64. Any ordinary edit (an optimizer step, a loaded state,
+    a manual change) moves them; a mere permutation of elements within one tensor would not."""
     with torch.no_grad():
         values = []
         for p in params:

@@ -12,9 +12,15 @@ from ._certified import CertifiedOptimizer
 
 
 def epsilon_model_clipping(*, delta: float, sigma: float, sigma0: float, steps: int, c0: float, c2: float,
-                           tolerance: float = 1e-4) -> float:
-    """Smallest epsilon (up to ``tolerance``, rounded up) with ``delta_model_clipping(epsilon) <= delta``."""
+                           target: Optional[float] = None, tolerance: float = 1e-4) -> float:
+    """Smallest epsilon (up to ``tolerance``, rounded up) with ``delta_T(epsilon) <= delta``.
+
+    ``sigma = 0`` makes the steps post-processing of the initial perturbation, so only ``sigma0`` counts.
+    If ``target`` is certified it is returned whenever the search would give more.
+    """
     def certified(eps: float) -> bool:
+        if sigma == 0:
+            return sigma0 > 0 and certify.hockey_stick_gaussian(eps, 2.0 * c0 / sigma0) <= delta
         return certify.delta_model_clipping(epsilon=eps, sigma=sigma, sigma0=sigma0, steps=steps,
                                             c0=c0, c2=c2) <= delta
 
@@ -27,6 +33,8 @@ def epsilon_model_clipping(*, delta: float, sigma: float, sigma0: float, steps: 
     while hi - lo > tolerance * max(hi, 1e-3):
         mid = 0.5 * (lo + hi)
         lo, hi = (lo, mid) if certified(mid) else (mid, hi)
+    if target is not None and target < hi and certified(target):
+        return float(target)
     return hi
 
 
@@ -58,16 +66,15 @@ class ModelClipping(CertifiedOptimizer):
             raise ValueError(f"lr * weight_decay must be < 1, got {lr * weight_decay!r}")
         _validation.count(steps, "steps")
         _validation.probability(delta, "delta")
+        if (sigma is None) == (epsilon is None):
+            raise ValueError("pass exactly one of sigma= (noise level) or epsilon= (to calibrate sigma)")
         if sigma is None:
-            if epsilon is None:
-                raise ValueError("pass sigma= (noise level) or epsilon= (to calibrate sigma)")
             epsilon = positive(epsilon, "epsilon")
             sigma = certify.sigma_model_clipping(epsilon=epsilon, delta=delta, sigma0=sigma0, steps=steps,
                                                  c0=c0, c2=c2)
         else:
             sigma = positive(sigma, "sigma", allow_zero=True)
-            if epsilon is not None:
-                positive(epsilon, "epsilon")
+        self.target_epsilon = epsilon
         defaults = dict(lr=lr, c0=c0, c2=c2, weight_decay=weight_decay, sigma=sigma, sigma0=sigma0)
         super().__init__(params, defaults, delta=delta, steps=steps, seed=seed, secure_rng=secure_rng)
         with torch.no_grad():
@@ -86,7 +93,5 @@ class ModelClipping(CertifiedOptimizer):
 
     def epsilon(self) -> float:
         h = self.hyper
-        if h["sigma"] == 0:
-            return float("inf")
         return epsilon_model_clipping(delta=self.delta, sigma=h["sigma"], sigma0=h["sigma0"], steps=self.steps,
-                                      c0=h["c0"], c2=h["c2"])
+                                      c0=h["c0"], c2=h["c2"], target=self.target_epsilon)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .. import certify, ops
+from ..checkpoint import load_checkpoint, model_identity, save_checkpoint
 from ..losses import masked_cross_entropy
 from ..optim import GradientClipping, ModelClipping
 from ..ops.rng import STREAM_INIT
@@ -58,12 +60,13 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return named
 
 
-def _batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator):
-    """Endless shuffled mini-batches (epochs without replacement)."""
-    while True:
-        order = indices[torch.randperm(indices.numel(), generator=generator)]
-        for i in range(0, order.numel() - batch_size + 1 if order.numel() >= batch_size else 1, batch_size):
-            yield order[i:i + batch_size]
+def batch_at(indices: torch.Tensor, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Mini-batch number ``step``: epochs without replacement, each a permutation drawn from
+    ``(seed, epoch)``. A pure function of its arguments, so a resumed run sees the same batches."""
+    per_epoch = max(indices.numel() // batch_size, 1)
+    epoch, slot = divmod(step, per_epoch)
+    order = torch.randperm(indices.numel(), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return indices[order[slot * batch_size:(slot + 1) * batch_size]]
 
 
 def _check_loss(loss: torch.Tensor, step: int, method: str) -> None:
@@ -83,33 +86,91 @@ def _retain_loss(logits, data, index):
     return masked_cross_entropy(logits, data.target[index], data.retain[index])
 
 
+class _Checkpoints:
+    """Periodic atomic checkpoints of one operator run (model, optimizer with its RNG counter and step,
+    loss record, phase) and resumption from them. Batches are a pure function of (seed, step), so the
+    data order needs no state of its own."""
+
+    def __init__(self, path, every: int, identity: dict):
+        self.path = None if path is None else Path(path)
+        if self.path is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"checkpoint_every must be an int >= 1, got {every!r}")
+        self.every = every
+        self.identity = identity
+        self.state = load_checkpoint(self.path, identity=identity) if self.path and self.path.exists() else None
+
+    @property
+    def phase(self) -> Optional[str]:
+        return None if self.state is None else self.state["phase"]
+
+    def restore(self, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer, record: dict) -> int:
+        """If the checkpoint is inside ``phase``, restore it and return the step to continue from."""
+        if self.phase != phase:
+            return 0
+        model.load_state_dict(self.state["model"])
+        optimizer.load_state_dict(self.state["optimizer"])
+        record.clear()
+        record.update(self.state["record"])
+        return int(self.state["step"])
+
+    def after_step(self, phase: str, done: int, total: int, model, optimizer, record, extra=None) -> None:
+        if self.path is None or (done % self.every and done != total):
+            return
+        save_checkpoint(self.path, {"phase": phase, "step": done, "model": model.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "record": record, "extra": extra or {}},
+                        identity=self.identity)
+
+
+def _data_signature(data: SegmentationUnlearningData) -> dict:
+    return {"n": len(data), "image_shape": list(data.images.shape),
+            "images_sum": float(data.images.sum(dtype=torch.float64)),
+            "retain": int(data.retain.sum()), "forget": int(data.forget.sum()), "target": int(data.target.sum())}
+
+
+def _checkpoints(path, every, *, method: str, model: nn.Module, data, hyper: dict) -> _Checkpoints:
+    identity = {"method": method, "hyperparameters": hyper, "model": model_identity(model),
+                "data": _data_signature(data)} if path is not None else {}
+    return _Checkpoints(path, every, identity)
+
+
 def _run(model: nn.Module, data: SegmentationUnlearningData, optimizer: torch.optim.Optimizer, *, steps: int,
          batch_size: int, seed: int, method: str, loss_fn=_retain_loss, index_mask: Optional[torch.Tensor] = None,
          inputs: Optional[_Inputs] = None, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
-         step_offset: int = 0, progress: bool = False, record: Optional[dict] = None) -> dict:
-    """The shared training loop; appends to ``record['losses']`` and ``record['trajectory']``."""
+         step_offset: int = 0, progress: bool = False, record: Optional[dict] = None,
+         checkpoints: Optional[_Checkpoints] = None, phase: str = "main", extra: Optional[dict] = None) -> dict:
+    """The shared training loop; appends to ``record['losses']`` and ``record['trajectory']``.
+    With ``checkpoints`` it resumes from a checkpoint of this ``phase`` and saves periodically."""
     record = record if record is not None else {"losses": [], "trajectory": []}
     if steps == 0:
         return record
+    start = checkpoints.restore(phase, model, optimizer, record) if checkpoints else 0
     inputs = inputs or _Inputs(model, data.images)
-    gen = torch.Generator().manual_seed(seed)
     pool = _retain_indices(data, data.retain if index_mask is None else index_mask)
-    batches = _batches(pool, min(batch_size, pool.numel()), gen)
+    batch_size = min(batch_size, pool.numel())
     model.train()
-    for step in tqdm(range(steps), desc=method, disable=not progress, leave=False):
-        index = next(batches)
+    for step in tqdm(range(start, steps), desc=method, disable=not progress, leave=False, initial=start,
+                     total=steps):
+        index = batch_at(pool, batch_size, seed, step)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(inputs.logits(index), data, index)
-        _check_loss(loss, step_offset + step, method)
+        _check_loss(loss.detach(), step_offset + step, method)
         loss.backward()
         optimizer.step()
-        record["losses"].append(float(loss))
+        record["losses"].append(float(loss.detach()))
         if eval_fn is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            model.eval()
-            record["trajectory"].append({"step": step_offset + step + 1, **eval_fn(model)})
-            model.train()
+            record["trajectory"].append({"step": step_offset + step + 1, **_evaluate(eval_fn, model)})
+        if checkpoints:
+            checkpoints.after_step(phase, step + 1, steps, model, optimizer, record, extra)
     model.eval()
     return record
+
+
+def _evaluate(eval_fn: EvalFn, model: nn.Module) -> dict:
+    model.eval()
+    try:
+        return eval_fn(model)
+    finally:
+        model.train()
 
 
 def _start(model: nn.Module, inplace: bool) -> nn.Module:
@@ -150,21 +211,30 @@ def train_segmenter(model: nn.Module, data: SegmentationUnlearningData, *, targe
 
 def finetune(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 300, lr: float = 5e-3,
              batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
-             inplace: bool = False, progress: bool = False) -> tuple[nn.Module, dict]:
-    """Plain fine-tuning (Adam) on the retain pixels. Not certified."""
+             inplace: bool = False, progress: bool = False, checkpoint=None,
+             checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
+    """Plain fine-tuning (Adam) on the retain pixels. Not certified.
+
+    ``checkpoint``: a file path; the run saves there every ``checkpoint_every`` steps and, when the
+    file exists, resumes from it (refusing one written by a different run). Same for every operator."""
     t0 = time.perf_counter()
     model = _start(model, inplace)
+    hyper = dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    ck = _checkpoints(checkpoint, checkpoint_every, method="finetune", model=model, data=data, hyper=hyper)
     record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="finetune",
-                  eval_fn=eval_fn, eval_every=eval_every, progress=progress)
+                  eval_fn=eval_fn, eval_every=eval_every, progress=progress, checkpoints=ck)
     return model, _finish(record, "finetune", t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
 
 
 def retrain(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 600, lr: float = 1e-2,
             batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
-            inplace: bool = False, progress: bool = False) -> tuple[nn.Module, dict]:
+            inplace: bool = False, progress: bool = False, checkpoint=None,
+            checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
     """Exact-unlearning reference: re-initialise the trainable parameters and train on retain pixels only."""
     t0 = time.perf_counter()
     model = _start(model, inplace)
+    hyper = dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    ck = _checkpoints(checkpoint, checkpoint_every, method="retrain", model=model, data=data, hyper=hyper)
     if hasattr(model, "reset_decoder") and getattr(model, "encoder_frozen", False):
         model.reset_decoder(seed)
     else:
@@ -174,13 +244,14 @@ def retrain(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 
                 if hasattr(m, "reset_parameters") and any(p.requires_grad for p in m.parameters(recurse=False)):
                     m.reset_parameters()
     record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="retrain",
-                  eval_fn=eval_fn, eval_every=eval_every, progress=progress)
+                  eval_fn=eval_fn, eval_every=eval_every, progress=progress, checkpoints=ck)
     return model, _finish(record, "retrain", t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
 
 
 def relabel(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 300, lr: float = 5e-3,
             batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
-            inplace: bool = False, progress: bool = False) -> tuple[nn.Module, dict]:
+            inplace: bool = False, progress: bool = False, checkpoint=None,
+            checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
     """The isomorphism used directly: fine-tune on all pixels with the known forget pixels relabelled to
     background (coarse labels elsewhere). Not certified: the coarse insides of coarse-only images stay."""
     t0 = time.perf_counter()
@@ -191,15 +262,18 @@ def relabel(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 
     def loss_fn(logits, d, index):
         return masked_cross_entropy(logits, relabelled[index], everything[index])
 
+    ck = _checkpoints(checkpoint, checkpoint_every, method="relabel", model=model, data=data,
+                      hyper=dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed))
     record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="relabel",
                   loss_fn=loss_fn, index_mask=everything, eval_fn=eval_fn, eval_every=eval_every,
-                  progress=progress)
+                  progress=progress, checkpoints=ck)
     return model, _finish(record, "relabel", t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
 
 
 def neggrad_seg(model: nn.Module, data: SegmentationUnlearningData, *, beta: float = 0.9, steps: int = 300,
                 lr: float = 5e-3, batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None,
-                eval_every: int = 0, inplace: bool = False, progress: bool = False) -> tuple[nn.Module, dict]:
+                eval_every: int = 0, inplace: bool = False, progress: bool = False, checkpoint=None,
+                checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
     """Per-pixel NegGrad+: ``beta * L(D_r) - (1 - beta) * L(D_f, coarse labels)``. Not certified."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
@@ -211,29 +285,42 @@ def neggrad_seg(model: nn.Module, data: SegmentationUnlearningData, *, beta: flo
         forget = masked_cross_entropy(logits, d.coarse[index], d.forget[index])
         return beta * keep - (1.0 - beta) * forget
 
+    ck = _checkpoints(checkpoint, checkpoint_every, method="neggrad_seg", model=model, data=data,
+                      hyper=dict(beta=beta, steps=steps, lr=lr, batch_size=batch_size, seed=seed))
     record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed,
-                  method="neggrad_seg", loss_fn=loss_fn, eval_fn=eval_fn, eval_every=eval_every, progress=progress)
+                  method="neggrad_seg", loss_fn=loss_fn, eval_fn=eval_fn, eval_every=eval_every, progress=progress,
+                  checkpoints=ck)
     return model, _finish(record, "neggrad_seg", t0, beta=beta, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
 
 
 def _certified_run(model, data, optimizer_cls, optimizer_kwargs, *, method, steps, batch_size, seed,
-                   finetune_steps, finetune_lr, eval_fn, eval_every, progress):
+                   finetune_steps, finetune_lr, eval_fn, eval_every, progress, checkpoint, checkpoint_every):
     """Noisy certified phase on retain data, then optional noise-free fine-tuning on retain data
-    (post-processing: the guarantee is unchanged)."""
+    (post-processing: the guarantee is unchanged). Resumable in either phase."""
     t0 = time.perf_counter()
     named = _trainable(model)
+    ck = _checkpoints(checkpoint, checkpoint_every, method=method, model=model, data=data,
+                      hyper=dict(optimizer_kwargs, steps=steps, batch_size=batch_size, seed=seed,
+                                 finetune_steps=finetune_steps, finetune_lr=finetune_lr))
+    # NOTE: the optimizer is built before any checkpoint is restored: its constructor projects (and for
+    # model clipping perturbs) the parameters, which the restored state then overwrites.
     optimizer = optimizer_cls(named, steps=steps, **optimizer_kwargs)
     inputs = _Inputs(model, data.images)
     record = {"losses": [], "trajectory": []}
-    if eval_fn is not None and eval_every:
-        record["trajectory"].append({"step": 0, **eval_fn(model)})
-    _run(model, data, optimizer, steps=steps, batch_size=batch_size, seed=seed, method=method, inputs=inputs,
-         eval_fn=eval_fn, eval_every=eval_every, progress=progress, record=record)
-    certificate = optimizer.certificate()
+    if ck.phase == "post":
+        certificate = certify.Certificate.from_dict(ck.state["extra"]["certificate"])
+    else:
+        if eval_fn is not None and eval_every:
+            record["trajectory"].append({"step": 0, **_evaluate(eval_fn, model)})
+        _run(model, data, optimizer, steps=steps, batch_size=batch_size, seed=seed, method=method, inputs=inputs,
+             eval_fn=eval_fn, eval_every=eval_every, progress=progress, record=record, checkpoints=ck,
+             phase="noisy")
+        certificate = optimizer.certificate()
     record["noisy_steps"] = steps
     _run(model, data, _adam(model, finetune_lr), steps=finetune_steps, batch_size=batch_size, seed=seed + 1,
          method=f"{method} (post-processing)", inputs=inputs, eval_fn=eval_fn, eval_every=eval_every,
-         step_offset=steps, progress=progress, record=record)
+         step_offset=steps, progress=progress, record=record, checkpoints=ck, phase="post",
+         extra={"certificate": certificate.to_dict()})
     record["certificate"] = certificate.to_dict()
     hyper = {k: v for k, v in optimizer.hyper.items() if k not in ("params", "param_names")}
     return model, _finish(record, method, t0, **hyper, steps=steps, batch_size=batch_size, seed=seed,
@@ -245,7 +332,8 @@ def gradient_clipping(model: nn.Module, data: SegmentationUnlearningData, *, eps
                       weight_decay: float = 0.0, sigma: Optional[float] = None, finetune_steps: int = 300,
                       finetune_lr: float = 5e-3, batch_size: int = 32, seed: int = 0,
                       noise_seed: Optional[int] = None, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
-                      inplace: bool = False, progress: bool = False) -> tuple[nn.Module, dict]:
+                      inplace: bool = False, progress: bool = False, checkpoint=None,
+                      checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
     """Certified (epsilon, delta) unlearning by noisy clipped-gradient fine-tuning
     (:class:`~pyunlearn.optim.GradientClipping`), then noise-free fine-tuning on retain data.
 
@@ -255,7 +343,8 @@ def gradient_clipping(model: nn.Module, data: SegmentationUnlearningData, *, eps
     kwargs.update(sigma=sigma) if sigma is not None else kwargs.update(epsilon=epsilon)
     return _certified_run(model, data, GradientClipping, kwargs, method="gradient_clipping", steps=steps,
                           batch_size=batch_size, seed=seed, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-                          eval_fn=eval_fn, eval_every=eval_every, progress=progress)
+                          eval_fn=eval_fn, eval_every=eval_every, progress=progress, checkpoint=checkpoint,
+                          checkpoint_every=checkpoint_every)
 
 
 def model_clipping(model: nn.Module, data: SegmentationUnlearningData, *, epsilon: float = 1.0,
@@ -264,15 +353,16 @@ def model_clipping(model: nn.Module, data: SegmentationUnlearningData, *, epsilo
                    sigma: Optional[float] = None, finetune_steps: int = 300, finetune_lr: float = 5e-3,
                    batch_size: int = 32, seed: int = 0, noise_seed: Optional[int] = None,
                    eval_fn: Optional[EvalFn] = None, eval_every: int = 0, inplace: bool = False,
-                   progress: bool = False) -> tuple[nn.Module, dict]:
+                   progress: bool = False, checkpoint=None, checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
     """Certified (epsilon, delta) unlearning by projected noisy gradient descent
     (:class:`~pyunlearn.optim.ModelClipping`), then noise-free fine-tuning on retain data."""
     model = _start(model, inplace)
-    kwargs = dict(lr=lr, c2=c2, c0=c0, sigma0=sigma0, delta=delta, weight_decay=weight_decay, seed=noise_seed,
-                  epsilon=epsilon, sigma=sigma)
+    kwargs = dict(lr=lr, c2=c2, c0=c0, sigma0=sigma0, delta=delta, weight_decay=weight_decay, seed=noise_seed)
+    kwargs.update(sigma=sigma) if sigma is not None else kwargs.update(epsilon=epsilon)
     return _certified_run(model, data, ModelClipping, kwargs, method="model_clipping", steps=steps,
                           batch_size=batch_size, seed=seed, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-                          eval_fn=eval_fn, eval_every=eval_every, progress=progress)
+                          eval_fn=eval_fn, eval_every=eval_every, progress=progress, checkpoint=checkpoint,
+                          checkpoint_every=checkpoint_every)
 
 
 def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, epsilon: float = 1.0,
@@ -300,7 +390,7 @@ def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, e
         ops.add_noise_(params, sigma=sigma0, seed=noise_seed, step=0, stream=STREAM_INIT)
     record = {"losses": [], "trajectory": []}
     if eval_fn is not None and eval_every:
-        record["trajectory"].append({"step": 0, **eval_fn(model)})
+        record["trajectory"].append({"step": 0, **_evaluate(eval_fn, model)})
     _run(model, data, _adam(model, finetune_lr), steps=finetune_steps, batch_size=batch_size, seed=seed,
          method="output_perturbation (post-processing)", eval_fn=eval_fn, eval_every=eval_every, progress=progress,
          record=record)

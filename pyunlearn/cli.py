@@ -1,0 +1,85 @@
+"""Command line: ``pyunlearn demo``, ``pyunlearn run CONFIG.toml``, ``pyunlearn classify-demo``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="synthetic end-to-end job: coarse model, unlearning, evaluation, report")
+    p.add_argument("--out", required=True, type=Path, help="output directory (report.json, report.md, figures)")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0)
+    seeds.add_argument("--seeds", type=int, nargs="+", help="several seeds: DIR/seed-N each, plus DIR/summary.md")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="tiny configuration (seconds; for smoke tests)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="the same job on your own data (ISIC 2018 or image/mask folders)")
+    p.add_argument("config", type=Path, help="TOML configuration file (see README)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_classify(sub) -> None:
+    p = sub.add_parser("classify-demo", help="targeted unlearning (PSG and baselines) on scikit-learn digits")
+    try:
+        from . import classify_demo
+    except ImportError:  # pragma: no cover - module ships with the package
+        return
+    classify_demo.add_arguments(p)
+
+
+def _quick_config():
+    from .pipeline import DemoConfig
+
+    return DemoConfig(n_public=48, n_private=64, n_test=48, image_size=24, width=8, public_steps=20, coarse_steps=20,
+                      retrain_steps=10, finetune_steps=10, post_steps=10, gc_steps=5, mc_steps=3, eval_every=5, s_global_boot=20)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pyunlearn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_run(sub)
+    _add_classify(sub)
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from .pipeline import run_synthetic_demo
+        from .report import format_table
+
+        config = _quick_config() if args.quick else None
+        if args.seeds:
+            from .report import summarize_seeds
+
+            reports = {s: run_synthetic_demo(args.out / f"seed-{s}", seed=s, device=args.device, config=config,
+                                             progress=not args.no_progress) for s in args.seeds}
+            summarize_seeds(reports, args.out)
+            print((args.out / "summary.md").read_text())
+            return 0
+        report = run_synthetic_demo(args.out, seed=args.seed, device=args.device, config=config,
+                                    progress=not args.no_progress)
+        print(format_table(report["methods"], markdown=False))
+        print(f"\nreport: {args.out / 'report.md'}  ({report['config']['total_wall_s']:.0f} s)")
+        return 0
+    if args.command == "run":
+        from .pipeline import run_config
+        from .report import format_table
+
+        report, out = run_config(args.config, progress=not args.no_progress)
+        print(format_table(report["methods"], markdown=False))
+        print(f"\nreport: {out / 'report.md'}")
+        return 0
+    if args.command == "classify-demo":
+        from . import classify_demo
+
+        return classify_demo.main(args) or 0
+    parser.error(f"unknown command {args.command}")  # pragma: no cover
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""report.json, report.md and the figures of the main job."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["write_report", "format_table"]
+
+_COLUMNS = (("auroc", "AUROC"), ("worst_group_auroc", "worst-group AUROC"), ("dice", "Dice"),
+            ("s_global", "S_global"), ("wall_s", "wall s"), ("certificate", "certificate"))
+
+
+def _cell(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
+    if key == "certificate":
+        return "-" if not value else f"eps={value['epsilon']:.3g}, delta={value['delta']:.0e}"
+    if value is None:
+        return "-"
+    if key == "s_global" and metrics.get("s_global_ci"):
+        lo, hi = metrics["s_global_ci"]
+        return f"{value:.4f} [{lo:.4f}, {hi:.4f}]"
+    return f"{value:.1f}" if key == "wall_s" else f"{value:.3f}"
+
+
+def format_table(methods: dict, *, markdown: bool = True) -> str:
+    """The per-method table, as Markdown or as aligned plain text for the terminal."""
+    header = ["method"] + [title for _, title in _COLUMNS]
+    rows = [[name] + [_cell(m, key) for key, _ in _COLUMNS] for name, m in methods.items()]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _figures(report: dict, out: Path, models: dict, test) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .pipeline import _probabilities
+
+    written = []
+    methods = report["methods"]
+    # 1. Mask overlays: image, fine, coarse-style forget pixels, predictions before/after.
+    shown = [m for m in ("coarse", "retrain", "finetune", "gradient_clipping", "model_clipping") if m in models]
+    has_art = test.has_artefact.nonzero().flatten()[:2].tolist()
+    clean = (~test.has_artefact).nonzero().flatten()[:1].tolist()
+    picks = has_art + clean
+    if picks:
+        probs = {m: _probabilities(models[m], test.images[picks]).cpu() for m in shown}
+        cols = 2 + len(shown)
+        fig, axes = plt.subplots(len(picks), cols, figsize=(2.1 * cols, 2.2 * len(picks)), squeeze=False)
+        for r, i in enumerate(picks):
+            img = test.images[i].permute(1, 2, 0).cpu().clamp(0, 1)
+            axes[r, 0].imshow(img)
+            axes[r, 0].set_title("image" + (" (artefact)" if test.has_artefact[i] else ""), fontsize=8)
+            overlay = img.clone()
+            if test.artefact_map is not None:
+                overlay[test.artefact_map[i].cpu()] = torch.tensor([1.0, 0.0, 1.0])
+            overlay[test.fine[i].cpu()] = overlay[test.fine[i].cpu()] * 0.4 + torch.tensor([0.0, 0.6, 0.0])
+            axes[r, 1].imshow(overlay)
+            axes[r, 1].set_title("fine (green), artefact (magenta)", fontsize=7)
+            for c, m in enumerate(shown):
+                axes[r, 2 + c].imshow(probs[m][r], vmin=0, vmax=1, cmap="magma")
+                axes[r, 2 + c].contour(test.fine[i].cpu().float(), levels=[0.5], colors="cyan", linewidths=0.6)
+                axes[r, 2 + c].set_title(f"{m}", fontsize=8)
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.suptitle("Foreground probability per method (cyan: fine outline)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "overlays.png", dpi=110)
+        plt.close(fig)
+        written.append("overlays.png")
+    # 2. Worst-group AUROC along the unlearning run (noisy phase, then post-processing).
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    for name, m in methods.items():
+        traj = m.get("trajectory") or []
+        if traj:
+            ax.plot([p["step"] for p in traj], [p["worst_group_auroc"] for p in traj], marker=".", label=name)
+            noisy = (m.get("hyperparameters") or {}).get("steps") if m.get("certificate") else None
+            if noisy:
+                ax.axvline(noisy, color=ax.lines[-1].get_color(), ls=":", lw=0.8)
+    for name in ("coarse", "oracle"):
+        if name in methods:
+            ax.axhline(methods[name]["worst_group_auroc"], ls="--", lw=0.8, color="grey")
+            ax.text(0, methods[name]["worst_group_auroc"], f" {name}", fontsize=7, va="bottom", color="grey")
+    ax.set_xlabel("unlearning step (dotted: end of the certified noisy phase)")
+    ax.set_ylabel("worst-group AUROC")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "trajectory.png", dpi=110)
+    plt.close(fig)
+    written.append("trajectory.png")
+    # 3. Subgroup AUROC bars per method.
+    groups = list(next(iter(methods.values()))["group_auroc"].keys())
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(methods)), 3.8))
+    width = 0.8 / len(groups)
+    for g_i, g in enumerate(groups):
+        xs = [i + g_i * width for i in range(len(methods))]
+        ys = [m["group_auroc"].get(g) or 0.0 for m in methods.values()]
+        ax.bar(xs, ys, width, label=g)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))])
+    ax.set_xticklabels(list(methods), rotation=20, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("AUROC (pooled scores)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "subgroup_auroc.png", dpi=110)
+    plt.close(fig)
+    written.append("subgroup_auroc.png")
+    return written
+
+
+def write_report(report: dict, out: Path, *, models: Optional[dict] = None, test=None, figures: bool = True) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2))
+    pictures = _figures(report, out, models, test) if figures and models and test is not None else []
+    lines = ["# pyunlearn report", "", format_table(report["methods"]), ""]
+    lines += ["Pooled image score = mean foreground probability. Subgroup AUROC compares the positives of one "
+              "artefact subgroup with the negatives of another; `pos_clean_vs_neg_art` is where a shortcut "
+              "misleads. S_global in nats with a bootstrap interval over images.", ""]
+    for name, m in report["methods"].items():
+        cert = m.get("certificate")
+        if cert:
+            lines += [f"## Certificate: {name}", "", f"(epsilon, delta) = ({cert['epsilon']:.4g}, {cert['delta']:.1e}),"
+                      f" operator `{cert['operator']}`, covers {len(cert['parameters'])} tensors: "
+                      + ", ".join(f"`{p}`" for p in cert["parameters"]), "", "Assumptions:", ""]
+            lines += [f"- {a}" for a in cert["assumptions"]] + [""]
+    for pic in pictures:
+        lines += [f"![{pic}]({pic})", ""]
+    lines += ["## Configuration", "", "```json", json.dumps(_jsonable(report.get("config", {})), indent=2), "```", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def summarize_seeds(reports: dict[int, dict], out: Path) -> dict:
+    """Mean and standard deviation over seeds of each method's headline metrics; writes summary.json/.md."""
+    import statistics
+
+    keys = ("auroc", "worst_group_auroc", "dice", "s_global", "wall_s")
+    names = list(next(iter(reports.values()))["methods"])
+    summary = {}
+    for name in names:
+        row = {}
+        for key in keys:
+            values = [r["methods"][name][key] for r in reports.values() if r["methods"][name].get(key) is not None]
+            if values:
+                row[key] = {"mean": statistics.fmean(values),
+                            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+        summary[name] = row
+    result = {"seeds": list(reports), "methods": summary}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(_jsonable(result), indent=2))
+    header = "| method | " + " | ".join(keys) + " |"
+    lines = [f"Mean ± std over seeds {list(reports)}.", "", header, "|" + "---|" * (len(keys) + 1)]
+    for name, row in summary.items():
+        cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" if k in row else "-" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return result

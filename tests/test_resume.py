@@ -1,0 +1,118 @@
+"""Resumable unlearning runs: killed at an arbitrary step, resumed, bit-identical to an uninterrupted run."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pyunlearn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyunlearn.data import SyntheticShortcuts
+from pyunlearn.models import EncoderDecoder
+from pyunlearn.unlearn import SegmentationUnlearningData, finetune, gradient_clipping, model_clipping
+
+SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    torch.set_num_threads(1)
+    from pyunlearn.data import SyntheticShortcuts
+    from pyunlearn.models import EncoderDecoder
+    from pyunlearn.unlearn import SegmentationUnlearningData, gradient_clipping
+    ds = SyntheticShortcuts(24, image_size=16, fine_fraction=0.5, seed=0)
+    data = SegmentationUnlearningData.from_masks(ds.images, ds.coarse, ds.fine, ds.has_fine)
+    torch.manual_seed(0)
+    model = EncoderDecoder(width=4).freeze_encoder()
+    kill_at = int(sys.argv[2])
+    calls = []
+    def eval_fn(m):  # runs after every step; SIGKILL ourselves at the chosen step
+        calls.append(1)
+        if len(calls) == kill_at:
+            os.kill(os.getpid(), 9)
+        return {"worst_group_auroc": 0.0}
+    out, record = gradient_clipping(model, data, steps=4, lr=0.1, c0=1.0, c1=0.1, weight_decay=1.0,
+                                    finetune_steps=4, batch_size=8, seed=0, noise_seed=5, checkpoint=sys.argv[1],
+                                    checkpoint_every=1, eval_fn=eval_fn, eval_every=1)
+    torch.save({"state": out.state_dict(), "certificate": record["certificate"]}, sys.argv[3])
+""")
+
+
+def _run(tmp_path, ckpt, kill_at, result):
+    return subprocess.run([sys.executable, "-c", SCRIPT, str(ckpt), str(kill_at), str(result)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("kill_at", [3, 7])  # inside the noisy phase, inside the post-processing phase
+def test_sigkill_then_resume_is_bit_identical(tmp_path, kill_at):
+    reference = _run(tmp_path, tmp_path / "full.ckpt", 10_000, tmp_path / "full.pt")
+    assert reference.returncode == 0, reference.stderr
+    killed = _run(tmp_path, tmp_path / "run.ckpt", kill_at, tmp_path / "never.pt")
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "run.ckpt").exists() and not (tmp_path / "never.pt").exists()
+    resumed = _run(tmp_path, tmp_path / "run.ckpt", 10_000, tmp_path / "resumed.pt")
+    assert resumed.returncode == 0, resumed.stderr
+    full = torch.load(tmp_path / "full.pt")
+    again = torch.load(tmp_path / "resumed.pt")
+    for name, value in full["state"].items():
+        assert torch.equal(value, again["state"][name]), name
+    assert full["certificate"]["epsilon"] == again["certificate"]["epsilon"]
+    assert full["certificate"]["hyperparameters"]["sigma"] == again["certificate"]["hyperparameters"]["sigma"]
+
+
+@pytest.fixture
+def tiny():
+    ds = SyntheticShortcuts(16, image_size=16, fine_fraction=0.5, seed=1)
+    data = SegmentationUnlearningData.from_masks(ds.images, ds.coarse, ds.fine, ds.has_fine)
+    torch.manual_seed(0)
+    return EncoderDecoder(width=4).freeze_encoder(), data
+
+
+def test_checkpoint_of_other_hyperparameters_is_refused(tmp_path, tiny):
+    model, data = tiny
+    path = tmp_path / "c.ckpt"
+    finetune(model, data, steps=2, batch_size=4, checkpoint=path, checkpoint_every=1)
+    with pytest.raises(CheckpointError, match="different run.*hyperparameters"):
+        finetune(model, data, steps=2, lr=0.5, batch_size=4, checkpoint=path)
+    with pytest.raises(CheckpointError, match="different run"):
+        model_clipping(model, data, steps=2, finetune_steps=1, batch_size=4, checkpoint=path, noise_seed=1)
+    other = EncoderDecoder(width=8).freeze_encoder()
+    with pytest.raises(CheckpointError, match="model"):
+        finetune(other, data, steps=2, batch_size=4, checkpoint=path)
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path, tiny):
+    model, data = tiny
+    path = tmp_path / "c.ckpt"
+    finetune(model, data, steps=2, batch_size=4, checkpoint=path, checkpoint_every=1)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        finetune(model, data, steps=2, batch_size=4, checkpoint=path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a pyunlearn checkpoint"):
+        finetune(model, data, steps=2, batch_size=4, checkpoint=path)
+    path.write_bytes(bytes(raw[:40]))
+    with pytest.raises(CheckpointError):
+        finetune(model, data, steps=2, batch_size=4, checkpoint=path)
+
+
+def test_atomic_save_leaves_no_temporary_files(tmp_path):
+    save_checkpoint(tmp_path / "a.ckpt", {"x": torch.arange(3)}, identity={"k": 1})
+    save_checkpoint(tmp_path / "a.ckpt", {"x": torch.arange(4)}, identity={"k": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt"]
+    assert torch.equal(load_checkpoint(tmp_path / "a.ckpt", identity={"k": 1})["x"], torch.arange(4))
+    with pytest.raises(CheckpointError, match=r"\['k'\]"):
+        load_checkpoint(tmp_path / "a.ckpt", identity={"k": 2})
+
+
+def test_finished_run_resumes_to_the_same_result(tmp_path, tiny):
+    model, data = tiny
+    path = tmp_path / "gc.ckpt"
+    first, rec1 = gradient_clipping(model, data, steps=2, finetune_steps=2, batch_size=4, noise_seed=3,
+                                    checkpoint=path, checkpoint_every=1)
+    again, rec2 = gradient_clipping(model, data, steps=2, finetune_steps=2, batch_size=4, noise_seed=3,
+                                    checkpoint=path, checkpoint_every=1)
+    for (n, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert rec1["certificate"] == rec2["certificate"]
