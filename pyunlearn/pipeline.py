@@ -83,13 +83,27 @@ class EvalSet:
     labels: torch.Tensor  # (N,) image labels
     has_artefact: torch.Tensor  # (N,) bool
     artefact_map: Optional[torch.Tensor] = None  # (N, H, W) bool, for S_global
+    #: Features of the shared frozen public encoder, computed once (see :meth:`cache_features`).
+    features: Optional[tuple] = None
+
+    def cache_features(self, model: nn.Module, chunk: int = 256) -> "EvalSet":
+        """Run the frozen encoder once; every method shares it, so evaluation only runs decoders."""
+        if getattr(model, "encoder_frozen", False):
+            with torch.no_grad():
+                parts = [model.encoder(self.images[i:i + chunk]) for i in range(0, self.images.shape[0], chunk)]
+            self.features = tuple(torch.cat(level) for level in zip(*parts))
+        return self
 
 
-def _probabilities(model: nn.Module, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Foreground probability maps (N, H, W)."""
+def _probabilities(model: nn.Module, images: torch.Tensor, chunk: int = 256,
+                   features: Optional[tuple] = None) -> torch.Tensor:
+    """Foreground probability maps (N, H, W); ``features`` of the frozen encoder skip the encoder."""
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(images[i:i + chunk]) for i in range(0, images.shape[0], chunk)])
+        if features is not None and getattr(model, "encoder_frozen", False):
+            logits = model.decoder(features)
+        else:
+            logits = torch.cat([model(images[i:i + chunk]) for i in range(0, images.shape[0], chunk)])
     if logits.shape[1] == 1:
         return torch.sigmoid(logits[:, 0])
     return 1.0 - torch.softmax(logits, dim=1)[:, 0]
@@ -99,7 +113,7 @@ def evaluate(model: nn.Module, test: EvalSet, *, n_boot: int = 200, seed: int = 
     """Pooled-score AUROC overall and per spurious subgroup, Dice on fine masks, S_global.
 
     ``fast`` skips S_global (used for the unlearning trajectory)."""
-    probs = _probabilities(model, test.images)
+    probs = _probabilities(model, test.images, features=test.features)
     scores = pooled_scores(probs)
     groups = subgroup_auroc(scores, test.labels, test.has_artefact)
     pred = probs > 0.5
@@ -125,6 +139,10 @@ def _method_kwargs(config: DemoConfig, seed: int) -> dict[str, tuple[Callable, d
         "model_clipping": (unlearn.model_clipping, dict(
             epsilon=config.epsilon, delta=config.delta, steps=config.mc_steps, lr=config.mc_lr, c2=config.mc_c2,
             **post, **common)),
+        # Pixel-level PSG (not in the default method list): forget pixels relabelled to the original
+        # model's nearest wrong class at a perturbed boundary point.
+        "psg_segmentation": (unlearn.psg_segmentation, dict(steps=config.finetune_steps, lr=config.finetune_lr,
+                                                            **common)),
     }
 
 
@@ -156,11 +174,13 @@ def run_pipeline(model: nn.Module, data: SegmentationUnlearningData, test: EvalS
             record["wall_s"] = time.perf_counter() - t0
         else:
             if name not in table:
-                raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+                raise ValueError(f"unknown method {name!r}; choose from {METHODS + ('psg_segmentation',)}")
             fn, kwargs = table[name]
-            track = name in ("finetune", "gradient_clipping", "model_clipping", "retrain")
-            trained, record = fn(model, data, eval_fn=trajectory_eval if track else None,
-                                 eval_every=config.eval_every if track else 0, progress=progress, **kwargs)
+            if name in ("finetune", "gradient_clipping", "model_clipping", "retrain"):
+                kwargs = dict(kwargs, eval_fn=trajectory_eval, eval_every=config.eval_every)
+            if name != "psg_segmentation":
+                kwargs = dict(kwargs, progress=progress)
+            trained, record = fn(model, data, **kwargs)
         metrics = evaluate(trained, test, n_boot=config.s_global_boot, seed=seed)
         results[name] = {**metrics, "wall_s": record["wall_s"], "certificate": record.get("certificate"),
                          "trajectory": record.get("trajectory", []), "hyperparameters": record.get("hyperparameters")}
@@ -218,6 +238,7 @@ def run_synthetic_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu
     evalset = EvalSet(images=to(test.images), fine=to(test.fine), labels=test.labels,
                       has_artefact=test.has_artefact, artefact_map=to(test.artefact_map))
     model = pretrain(to(public.images), to(public.fine), data, config, seed=seed, progress=progress).to(dev)
+    evalset.cache_features(model)
     pretrain_s = time.perf_counter() - t0
     methods, models = run_pipeline(model, data, evalset, config, seed=seed, oracle_data=oracle, progress=progress)
     report = {"config": {**config.to_dict(), "seed": seed, "device": device, "pretrain_wall_s": pretrain_s,
@@ -292,6 +313,7 @@ def run_config(path: str | Path, *, progress: bool = True) -> tuple[dict, Path]:
                       has_artefact=has_artefact)
     t0 = time.perf_counter()
     model = pretrain(tensors["image"][pub], fine[pub], data, config, seed=seed, progress=progress)
+    evalset.cache_features(model)
     methods, models = run_pipeline(model, data, evalset, config, seed=seed, oracle_data=oracle, progress=progress)
     report = {"config": {**config.to_dict(), "source": str(path), "data": cfg["data"], "split": split,
                          "total_wall_s": time.perf_counter() - t0}, "methods": methods}

@@ -1,17 +1,41 @@
-"""Unlearning operators. Segmentation operators take a :class:`SegmentationUnlearningData`."""
+"""Unlearning operators.
+
+Segmentation operators take ``(model, data: SegmentationUnlearningData, ...)``; classification
+operators take ``(model, forget, remain, ...)``. ``finetune`` and ``retrain`` serve both and dispatch
+on the type of their second argument. Every operator returns ``(model, record)`` and leaves the input
+model unchanged unless ``inplace=True``.
+"""
+from . import classification, segmentation
+from .classification import compose, neggrad_plus, scrub, train_classifier
 from .data import SegmentationUnlearningData
+from .psg import boundary_points, boundary_shrink, perturbed_sign_step, psg, psg_segmentation
 from .segmentation import (
-    finetune,
     gradient_clipping,
     model_clipping,
     neggrad_seg,
     output_perturbation,
     relabel,
-    retrain,
     train_segmenter,
 )
 
+
+def finetune(model, data, *args, **kwargs):
+    """Fine-tune on retained data: :func:`segmentation.finetune` for a
+    :class:`SegmentationUnlearningData`, else :func:`classification.finetune` ``(model, forget, remain)``."""
+    if isinstance(data, SegmentationUnlearningData):
+        return segmentation.finetune(model, data, *args, **kwargs)
+    return classification.finetune(model, data, *args, **kwargs)
+
+
+def retrain(model, data, *args, **kwargs):
+    """Retrain from scratch on retained data (segmentation or classification, as :func:`finetune`)."""
+    if isinstance(data, SegmentationUnlearningData):
+        return segmentation.retrain(model, data, *args, **kwargs)
+    return classification.retrain(model, data, *args, **kwargs)
+
+
 __all__ = [
-    "SegmentationUnlearningData", "finetune", "gradient_clipping", "model_clipping", "neggrad_seg",
-    "output_perturbation", "relabel", "retrain", "train_segmenter",
+    "SegmentationUnlearningData", "boundary_points", "boundary_shrink", "compose", "finetune", "gradient_clipping",
+    "model_clipping", "neggrad_plus", "neggrad_seg", "output_perturbation", "perturbed_sign_step", "psg",
+    "psg_segmentation", "relabel", "retrain", "scrub", "train_classifier", "train_segmenter",
 ]
