@@ -39,6 +39,26 @@ def _quick_config():
                       retrain_steps=10, finetune_steps=10, post_steps=10, gc_steps=5, mc_steps=3, eval_every=5, s_global_boot=20)
 
 
+def _init_distributed(device: str) -> None:
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE in the environment)."""
+    import os
+
+    import torch.distributed as dist
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            import torch
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _is_main_rank() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyunlearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_run(sub)
     _add_classify(sub)
     args = parser.parse_args(argv)
+    _init_distributed(getattr(args, "device", "cpu"))
 
     if args.command == "demo":
         from .pipeline import run_synthetic_demo
@@ -57,21 +78,24 @@ def main(argv: list[str] | None = None) -> int:
 
             reports = {s: run_synthetic_demo(args.out / f"seed-{s}", seed=s, device=args.device, config=config,
                                              progress=not args.no_progress) for s in args.seeds}
-            summarize_seeds(reports, args.out)
-            print((args.out / "summary.md").read_text())
+            if _is_main_rank():
+                summarize_seeds(reports, args.out)
+                print((args.out / "summary.md").read_text())
             return 0
         report = run_synthetic_demo(args.out, seed=args.seed, device=args.device, config=config,
                                     progress=not args.no_progress)
-        print(format_table(report["methods"], markdown=False))
-        print(f"\nreport: {args.out / 'report.md'}  ({report['config']['total_wall_s']:.0f} s)")
+        if _is_main_rank():
+            print(format_table(report["methods"], markdown=False))
+            print(f"\nreport: {args.out / 'report.md'}  ({report['config']['total_wall_s']:.0f} s)")
         return 0
     if args.command == "run":
         from .pipeline import run_config
         from .report import format_table
 
         report, out = run_config(args.config, progress=not args.no_progress)
-        print(format_table(report["methods"], markdown=False))
-        print(f"\nreport: {out / 'report.md'}")
+        if _is_main_rank():
+            print(format_table(report["methods"], markdown=False))
+            print(f"\nreport: {out / 'report.md'}")
         return 0
     if args.command == "classify-demo":
         from . import classify_demo

@@ -244,8 +244,14 @@ def run_synthetic_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu
     report = {"config": {**config.to_dict(), "seed": seed, "device": device, "pretrain_wall_s": pretrain_s,
                          "total_wall_s": time.perf_counter() - t0},
               "methods": methods}
-    write_report(report, Path(out_dir), models=models, test=evalset, figures=figures)
+    if _main_rank():
+        write_report(report, Path(out_dir), models=models, test=evalset, figures=figures)
     return report
+
+
+def _main_rank() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _stack_dataset(dataset, *, progress: bool) -> dict[str, torch.Tensor]:
@@ -320,5 +326,6 @@ def run_config(path: str | Path, *, progress: bool = True) -> tuple[dict, Path]:
     out = Path(cfg["out"])
     if not out.is_absolute():
         out = path.parent / out
-    write_report(report, out, models=models, test=evalset)
+    if _main_rank():
+        write_report(report, out, models=models, test=evalset)
     return report, out

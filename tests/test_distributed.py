@@ -47,3 +47,25 @@ def test_secure_seed_is_shared_across_ranks(tmp_path):
     a, b = torch.load(out), torch.load(f"{out}.rank1")
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_demo_under_torchrun_matches_single_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m pyunlearn.cli demo --quick`: same report as one process."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "pyunlearn.cli", "demo", "--quick", "--no-progress", "--seed", "1"]
+    single = subprocess.run(base + ["--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "pyunlearn.cli",
+                            "demo", "--quick", "--no-progress", "--seed", "1", "--out", str(tmp_path / "two")],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "report.json").read_text())["methods"]
+    two = json.loads((tmp_path / "two" / "report.json").read_text())["methods"]
+    assert list(one) == list(two)
+    for name in ("coarse", "retrain", "finetune"):  # deterministic methods agree to float tolerance
+        assert two[name]["dice"] == pytest.approx(one[name]["dice"], abs=1e-3), name
+        assert two[name]["auroc"] == pytest.approx(one[name]["auroc"], abs=1e-3), name

@@ -133,13 +133,34 @@ def _checkpoints(path, every, *, method: str, model: nn.Module, data, hyper: dic
     return _Checkpoints(path, every, identity)
 
 
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(optimizer: torch.optim.Optimizer, world: int) -> None:
+    """What DDP does in backward: every rank ends with the mean gradient of the global batch."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
 def _run(model: nn.Module, data: SegmentationUnlearningData, optimizer: torch.optim.Optimizer, *, steps: int,
          batch_size: int, seed: int, method: str, loss_fn=_retain_loss, index_mask: Optional[torch.Tensor] = None,
          inputs: Optional[_Inputs] = None, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
          step_offset: int = 0, progress: bool = False, record: Optional[dict] = None,
          checkpoints: Optional[_Checkpoints] = None, phase: str = "main", extra: Optional[dict] = None) -> dict:
     """The shared training loop; appends to ``record['losses']`` and ``record['trajectory']``.
-    With ``checkpoints`` it resumes from a checkpoint of this ``phase`` and saves periodically."""
+    With ``checkpoints`` it resumes from a checkpoint of this ``phase`` and saves periodically.
+
+    Under ``torch.distributed`` (torchrun) every rank draws the same global batch, computes the loss
+    on its shard and the gradients are averaged before the step, so every optimizer (certified ones
+    included: same clipping of the global-batch gradient, same seeded noise) stays identical on all
+    ranks. Only rank 0 writes checkpoints."""
     record = record if record is not None else {"losses": [], "trajectory": []}
     if steps == 0:
         return record
@@ -147,19 +168,26 @@ def _run(model: nn.Module, data: SegmentationUnlearningData, optimizer: torch.op
     inputs = inputs or _Inputs(model, data.images)
     pool = _retain_indices(data, data.retain if index_mask is None else index_mask)
     batch_size = min(batch_size, pool.numel())
+    rank, world = _world()
+    if world > batch_size:
+        raise ValueError(f"{method}: batch_size {batch_size} is smaller than the {world} ranks")
     model.train()
     for step in tqdm(range(start, steps), desc=method, disable=not progress, leave=False, initial=start,
                      total=steps):
         index = batch_at(pool, batch_size, seed, step)
+        if world > 1:
+            index = index.tensor_split(world)[rank]
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(inputs.logits(index), data, index)
         _check_loss(loss.detach(), step_offset + step, method)
         loss.backward()
+        if world > 1:
+            _average_gradients(optimizer, world)
         optimizer.step()
         record["losses"].append(float(loss.detach()))
         if eval_fn is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             record["trajectory"].append({"step": step_offset + step + 1, **_evaluate(eval_fn, model)})
-        if checkpoints:
+        if checkpoints and rank == 0:
             checkpoints.after_step(phase, step + 1, steps, model, optimizer, record, extra)
     model.eval()
     return record
