@@ -30,8 +30,9 @@ def _extensions():
     want_cuda = _flag("PYUNLEARN_BUILD_CUDA", None)
     have_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     use_cuda = bool(cuda_sources) and (have_cuda if want_cuda is None else want_cuda)
-    # -fno-math-errno lets the compiler vectorise sqrt in the kernels (glibc errno is never read there).
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
+    # -fno-math-errno / -fno-trapping-math let the compiler vectorise sqrt and if-convert selects in the
+    # kernel loops (errno and FP exception flags are never read there; IEEE results are unchanged).
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     kwargs = dict(
         name="pyunlearn._C",
         extra_compile_args={"cxx": cxx + (["-DPYUNLEARN_WITH_CUDA"] if use_cuda else [])},

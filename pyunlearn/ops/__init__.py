@@ -1,16 +1,190 @@
-"""Hot-path ops. Every op has a pure-PyTorch reference (``pyunlearn.ops.reference``); fused backends
-replace it where available."""
-from .reference import (  # noqa: F401
-    add_noise_,
-    dpsgd_step_,
+"""Hot-path ops: fused masked cross-entropy and multi-tensor clip + noise + update steps.
+
+Every op has a pure-PyTorch reference (:mod:`pyunlearn.ops.reference`, the oracle); the functions here
+run it through the ``pyunlearn::*`` torch.library ops, which dispatch to the fastest live backend
+(C++ on CPU, CUDA/Triton on GPU; see :mod:`pyunlearn.ops._registry`). ``PYUNLEARN_BACKEND`` forces
+one; :func:`backends` says which are live. All noise is the counter-based Philox noise of
+:mod:`pyunlearn.ops.rng`, identical on every backend up to float32 last-place differences.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference  # noqa: F401
+from ._registry import (  # noqa: F401
+    BACKENDS,
+    add_noise_op,
+    backends,
+    dpsgd_op,
+    forced_backend,
+    gaussian_noise,
     global_norm,
-    gradient_clipping_step_,
-    masked_cross_entropy_fwd_bwd,
-    model_clipping_step_,
+    gradient_clipping_op,
+    masked_cross_entropy_op,
+    model_clipping_op,
+    select_backend,
 )
-from .rng import STREAM_INIT, STREAM_UPDATE, gaussian_noise  # noqa: F401
+from .rng import STREAM_INIT, STREAM_UPDATE  # noqa: F401
+
+__all__ = [
+    "BACKENDS",
+    "STREAM_INIT",
+    "STREAM_UPDATE",
+    "add_noise_",
+    "backends",
+    "dpsgd_step_",
+    "forced_backend",
+    "gaussian_noise",
+    "global_norm",
+    "gradient_clipping_step_",
+    "masked_cross_entropy",
+    "masked_cross_entropy_fwd_bwd",
+    "model_clipping_step_",
+    "select_backend",
+]
+
+_LOGIT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def backends() -> dict:
-    """Which implementations are live, per op."""
-    return {"reference": True}
+# --------------------------------------------------------------------------------------------------
+# Validation (cheap: shapes, dtypes, devices; no device synchronisation)
+# --------------------------------------------------------------------------------------------------
+def _check_masked_ce(logits: Tensor, target: Tensor, mask: Tensor, weight: Optional[Tensor]) -> None:
+    for name, t in (("logits", logits), ("target", target), ("mask", mask)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape (B, K, N), got {tuple(logits.shape)}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"logits must be float32, float64, bfloat16 or float16, got {logits.dtype}")
+    b, k, n = logits.shape
+    if k < 1:
+        raise ValueError(f"logits must have K >= 1 classes, got shape {tuple(logits.shape)}")
+    if tuple(target.shape) != (b, n):
+        raise ValueError(f"target must have shape {(b, n)} to match logits {tuple(logits.shape)}, "
+                         f"got {tuple(target.shape)}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if tuple(mask.shape) != (b, n):
+        raise ValueError(f"mask must have shape {(b, n)} to match logits {tuple(logits.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    if weight is not None:
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+        if tuple(weight.shape) != (b,):
+            raise ValueError(f"weight must have shape ({b},), got {tuple(weight.shape)}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be floating point, got dtype {weight.dtype}")
+    for name, t in (("target", target), ("mask", mask), ("weight", weight)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
+
+
+def _check_step(where: str, params: Sequence[Tensor], grads: Optional[Sequence[Tensor]], grads_name: str,
+                seed: int, step: int, stream: int = STREAM_UPDATE) -> tuple[list[Tensor], list[Tensor]]:
+    params = list(params)
+    grads_list = list(grads) if grads is not None else []
+    if grads is not None and len(grads_list) != len(params):
+        raise ValueError(f"{where}: got {len(params)} params but {len(grads_list)} {grads_name}")
+    device = params[0].device if params else None
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor) or not p.is_floating_point():
+            raise TypeError(f"{where}: params[{i}] must be a floating-point tensor, got "
+                            f"{getattr(p, 'dtype', type(p).__name__)}")
+        if p.device != device:
+            raise ValueError(f"{where}: params[{i}] is on {p.device} but params[0] is on {device}")
+        if grads is not None:
+            g = grads_list[i]
+            if not isinstance(g, Tensor) or not g.is_floating_point():
+                raise TypeError(f"{where}: {grads_name}[{i}] must be a floating-point tensor, got "
+                                f"{getattr(g, 'dtype', type(g).__name__)}")
+            if g.shape != p.shape:
+                raise ValueError(f"{where}: {grads_name}[{i}] has shape {tuple(g.shape)} but params[{i}] has "
+                                 f"{tuple(p.shape)}")
+            if g.device != device:
+                raise ValueError(f"{where}: {grads_name}[{i}] is on {g.device} but params are on {device}")
+    for name, value, hi in (("seed", seed, 2**63), ("step", step, 2**32), ("stream", stream, 2**32)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
+        if not 0 <= value < hi:
+            raise ValueError(f"{where}: {name} must be in [0, {hi}), got {value}")
+    return params, grads_list
+
+
+# --------------------------------------------------------------------------------------------------
+# Op 1: masked cross-entropy
+# --------------------------------------------------------------------------------------------------
+def masked_cross_entropy_fwd_bwd(logits: Tensor, target: Tensor, mask: Tensor,
+                                 weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Per-sample masked cross-entropy ``(B,)`` and its gradient w.r.t. ``logits`` ``(B, K, N)``, fused.
+
+    Same contract as :func:`pyunlearn.ops.reference.masked_cross_entropy_fwd_bwd`: K == 1 is sigmoid BCE,
+    K >= 2 softmax CE; accumulation float32 (float64 for float64 logits); the gradient has the dtype of
+    ``logits`` and is contiguous.
+    """
+    _check_masked_ce(logits, target, mask, weight)
+    return masked_cross_entropy_op(logits, target, mask, weight)
+
+
+def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """Per-sample masked cross-entropy ``(B,)``, differentiable w.r.t. ``logits`` (the gradient comes from
+    the same fused pass; ``weight`` is treated as a constant)."""
+    _check_masked_ce(logits, target, mask, weight)
+    return masked_cross_entropy_op(logits, target, mask, weight)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Op 2: multi-tensor clip + noise + update (in place on params)
+# --------------------------------------------------------------------------------------------------
+def gradient_clipping_step_(params: Sequence[Tensor], grads: Sequence[Tensor], *, lr: float, max_grad_norm: float,
+                            weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
+    """``x <- x - lr (clip(g, C1) + wd x) + sigma noise(seed, step)`` in place on all ``params`` together;
+    returns the global gradient norm (0-d tensor). See :func:`pyunlearn.ops.reference.gradient_clipping_step_`."""
+    ps, gs = _check_step("gradient_clipping_step_", params, grads, "grads", seed, step)
+    kw = dict(lr=float(lr), max_grad_norm=float(max_grad_norm), weight_decay=float(weight_decay),
+              sigma=float(sigma), seed=seed, step=step)
+    with torch.no_grad():
+        if not ps:
+            return reference.gradient_clipping_step_(ps, gs, **kw)
+        return gradient_clipping_op(ps, gs, **kw)
+
+
+def model_clipping_step_(params: Sequence[Tensor], grads: Sequence[Tensor], *, lr: float, max_model_norm: float,
+                         weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
+    """``y = x - lr (g + wd x); x <- clip(y, C2) + sigma noise(seed, step)`` in place; returns ``|y|``.
+    See :func:`pyunlearn.ops.reference.model_clipping_step_`."""
+    ps, gs = _check_step("model_clipping_step_", params, grads, "grads", seed, step)
+    kw = dict(lr=float(lr), max_model_norm=float(max_model_norm), weight_decay=float(weight_decay),
+              sigma=float(sigma), seed=seed, step=step)
+    with torch.no_grad():
+        if not ps:
+            return reference.model_clipping_step_(ps, gs, **kw)
+        return model_clipping_op(ps, gs, **kw)
+
+
+def dpsgd_step_(params: Sequence[Tensor], summed_clipped_grads: Sequence[Tensor], *, lr: float,
+                noise_multiplier: float, max_grad_norm: float, expected_batch_size: float, weight_decay: float,
+                seed: int, step: int) -> None:
+    """DP-SGD update from summed per-sample clipped gradients, in place (Opacus' arithmetic).
+    See :func:`pyunlearn.ops.reference.dpsgd_step_`."""
+    ps, gs = _check_step("dpsgd_step_", params, summed_clipped_grads, "summed_clipped_grads", seed, step)
+    if not ps:
+        return
+    with torch.no_grad():
+        dpsgd_op(ps, gs, lr=float(lr), noise_multiplier=float(noise_multiplier), max_grad_norm=float(max_grad_norm),
+                 expected_batch_size=float(expected_batch_size), weight_decay=float(weight_decay), seed=seed,
+                 step=step)
+
+
+def add_noise_(params: Sequence[Tensor], *, sigma: float, seed: int, step: int, stream: int = STREAM_UPDATE) -> None:
+    """``params[j] += sigma * noise``, element indices running over the concatenation of ``params``."""
+    ps, _ = _check_step("add_noise_", params, None, "", seed, step, stream)
+    if not ps or float(sigma) == 0.0:
+        return
+    with torch.no_grad():
+        add_noise_op(ps, sigma=float(sigma), seed=seed, step=step, stream=stream)

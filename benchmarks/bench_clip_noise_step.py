@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Multi-tensor clip + noise + update steps, providers side by side.
+
+Ops: ``gradient_clipping_step_``, ``model_clipping_step_``, ``dpsgd_step_`` on a conv-net-like list of
+float32 parameters (default about 4.5M elements in 46 tensors; ``--quick``: about 195K). Providers:
+
+* ``reference``      the pure-PyTorch reference (``pyunlearn.ops.reference``, counter-based Philox noise);
+* ``cpp``            the fused C++ kernel through the public op (``PYUNLEARN_BACKEND=cpp``);
+* ``triton``         the Triton kernel (CUDA only);
+* ``torch_unfused``  the natural PyTorch sequence: per-tensor norms, clip, update, ``torch.randn_like``
+  noise (a different RNG: the honest baseline a user would write);
+* ``torch_foreach``  the same with ``torch._foreach_*`` multi-tensor ops.
+
+Timing rounds are interleaved across providers. Reported: median and IQR (ms), the minimal bytes the
+op must move (gradient clipping 16 B/param: read g, then read x, g and write x; model clipping 20 B:
+the update pass writes y, the projection pass reads and writes it; DP-SGD 12 B) and the achieved
+GB/s, and the speed-up over the reference. Results: ``benchmarks/results/bench_clip_noise_step-*``.
+
+    python benchmarks/bench_clip_noise_step.py [--quick] [--threads N]
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import pyunlearn.ops as ops  # noqa: E402
+from pyunlearn.ops import reference as ref  # noqa: E402
+
+LR, WD, CLIP, SIGMA, SEED = 0.01, 1e-4, 1.0, 1e-3, 1234
+NOISE_MULTIPLIER, EXPECTED_BATCH = 1.1, 64.0
+BYTES_PER_PARAM = {"gradient_clipping_step_": 16, "model_clipping_step_": 20, "dpsgd_step_": 12}
+
+
+def make_shapes(total: int) -> list[tuple[int, ...]]:
+    """Conv weights (c, c, 3, 3) and biases (c,) of a small encoder-decoder until ``total`` elements."""
+    shapes: list[tuple[int, ...]] = [(32, 3, 3, 3), (32,)]
+    channels = [32, 64, 128, 256, 256, 128, 64, 32]
+    i, n = 0, sum(torch.Size(s).numel() for s in shapes)
+    while n < total:
+        c = channels[i % len(channels)]
+        shapes += [(c, c, 3, 3), (c,)]
+        n += c * c * 9 + c
+        i += 1
+    return shapes + [(2, 32, 1, 1), (2,)]
+
+
+def torch_providers(op: str, ps: list[torch.Tensor], gs: list[torch.Tensor]) -> dict:
+    def total_norm(ts):
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in ts]))
+
+    def foreach_norm(ts):
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(ts)))
+
+    if op == "gradient_clipping_step_":
+        def unfused():
+            factor = torch.clamp(CLIP / total_norm(gs).clamp_min(1e-30), max=1.0)
+            for p, g in zip(ps, gs):
+                p.mul_(1 - LR * WD).add_(g * factor, alpha=-LR).add_(torch.randn_like(p), alpha=SIGMA)
+
+        def foreach():
+            factor = torch.clamp(CLIP / foreach_norm(gs).clamp_min(1e-30), max=1.0)
+            torch._foreach_mul_(ps, 1 - LR * WD)
+            torch._foreach_add_(ps, torch._foreach_mul(gs, factor), alpha=-LR)
+            torch._foreach_add_(ps, [torch.randn_like(p) for p in ps], alpha=SIGMA)
+    elif op == "model_clipping_step_":
+        def unfused():
+            for p, g in zip(ps, gs):
+                p.mul_(1 - LR * WD).add_(g, alpha=-LR)
+            factor = torch.clamp(CLIP * 100 / total_norm(ps).clamp_min(1e-30), max=1.0)
+            for p in ps:
+                p.mul_(factor).add_(torch.randn_like(p), alpha=SIGMA)
+
+        def foreach():
+            torch._foreach_mul_(ps, 1 - LR * WD)
+            torch._foreach_add_(ps, gs, alpha=-LR)
+            factor = torch.clamp(CLIP * 100 / foreach_norm(ps).clamp_min(1e-30), max=1.0)
+            torch._foreach_mul_(ps, factor)
+            torch._foreach_add_(ps, [torch.randn_like(p) for p in ps], alpha=SIGMA)
+    else:
+        std = NOISE_MULTIPLIER * CLIP
+
+        def unfused():  # Opacus' arithmetic followed by SGD with weight decay
+            for p, g in zip(ps, gs):
+                noisy = (g + std * torch.randn_like(g)) / EXPECTED_BATCH
+                p.add_(noisy + WD * p, alpha=-LR)
+
+        def foreach():
+            noisy = torch._foreach_add(gs, [torch.randn_like(g) for g in gs], alpha=std)
+            torch._foreach_div_(noisy, EXPECTED_BATCH)
+            torch._foreach_add_(noisy, ps, alpha=WD)
+            torch._foreach_add_(ps, noisy, alpha=-LR)
+    return {"torch_unfused": unfused, "torch_foreach": foreach}
+
+
+def op_kwargs(op: str, step: int) -> dict:
+    if op == "gradient_clipping_step_":
+        return dict(lr=LR, max_grad_norm=CLIP, weight_decay=WD, sigma=SIGMA, seed=SEED, step=step)
+    if op == "model_clipping_step_":
+        return dict(lr=LR, max_model_norm=CLIP * 100, weight_decay=WD, sigma=SIGMA, seed=SEED, step=step)
+    return dict(lr=LR, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=CLIP, expected_batch_size=EXPECTED_BATCH,
+                weight_decay=WD, seed=SEED, step=step)
+
+
+def forced(backend: str, fn):
+    def run():
+        old = os.environ.get("PYUNLEARN_BACKEND")
+        os.environ["PYUNLEARN_BACKEND"] = backend
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("PYUNLEARN_BACKEND")
+            else:
+                os.environ["PYUNLEARN_BACKEND"] = old
+    return run
+
+
+def main() -> None:
+    args = _common.parser(__doc__.splitlines()[1]).parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    total = 150_000 if args.quick else 4_194_304
+    repeats = args.repeats or (3 if args.quick else 15)
+    shapes = make_shapes(total)
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    live = ops.backends()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for op in ("gradient_clipping_step_", "model_clipping_step_", "dpsgd_step_"):
+        # Every provider updates its own copy of the parameters; the gradients are shared (read-only).
+        grads = [(torch.randn(s, generator=g) * 0.01).to(device) for s in shapes]
+        base = [(torch.randn(s, generator=g) * 0.05).to(device) for s in shapes]
+        copies: dict[str, list[torch.Tensor]] = {}
+        providers = {}
+
+        def public(name: str):
+            ps = copies.setdefault(name, [p.clone() for p in base])
+            return lambda: getattr(ops, op)(ps, grads, **op_kwargs(op, 0))
+
+        ref_ps = copies.setdefault("reference", [p.clone() for p in base])
+        providers["reference"] = lambda: getattr(ref, op)(ref_ps, grads, **op_kwargs(op, 0))
+        if device.type == "cpu" and live["cpp"]:
+            providers["cpp"] = forced("cpp", public("cpp"))
+        if device.type == "cuda" and live["triton"]:
+            providers["triton"] = forced("triton", public("triton"))
+        torch_ps = [p.clone() for p in base]
+        for name, fn in torch_providers(op, torch_ps, grads).items():
+            providers[name] = fn
+        times = _common.time_interleaved(providers, device=device, repeats=repeats)
+        ref_median = _common.summarize(times["reference"])["median_ms"]
+        for name, seconds in times.items():
+            s = _common.summarize(seconds)
+            nbytes = BYTES_PER_PARAM[op] * numel
+            rows.append({"op": op, "provider": name, "params": numel, "tensors": len(shapes), **s,
+                         "bytes": nbytes, "gb_per_s": nbytes / (s["median_ms"] * 1e-3) / 1e9,
+                         "speedup_vs_reference": ref_median / s["median_ms"]})
+    meta = {"environment": _common.environment(device), "quick": args.quick, "repeats": repeats,
+            "hyperparameters": dict(lr=LR, weight_decay=WD, clip=CLIP, sigma=SIGMA,
+                                    noise_multiplier=NOISE_MULTIPLIER, expected_batch_size=EXPECTED_BATCH)}
+    _common.print_table(rows, ["op", "provider", "params", "median_ms", "iqr_ms", "gb_per_s",
+                               "speedup_vs_reference"])
+    if not args.no_save:
+        paths = _common.write_results("bench_clip_noise_step", device, rows, meta)
+        print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()

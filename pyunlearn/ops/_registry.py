@@ -1,0 +1,386 @@
+"""torch.library registration of the hot-path ops and their backend dispatch.
+
+Ops (namespace ``pyunlearn``, registered once when ``pyunlearn.ops`` is imported):
+
+* ``pyunlearn::masked_cross_entropy(logits, target, mask, weight) -> (loss, grad_logits)`` with an
+  autograd formula (d logits = grad_loss[:, None, None] * grad_logits) and a fake kernel;
+* ``pyunlearn::gradient_clipping_step_``, ``pyunlearn::model_clipping_step_`` (mutate ``params``,
+  return the norm), ``pyunlearn::dpsgd_step_`` and ``pyunlearn::add_noise_`` (mutate ``params``).
+
+Each op has a default implementation (the PyTorch reference, any device), a CPU kernel and a CUDA
+kernel that choose a backend at call time:
+
+* CPU: the compiled C++ kernels (``pyunlearn._C``) when loaded, else the reference;
+* CUDA: compiled CUDA kernels when built, else Triton (``pyunlearn._triton``), else the reference.
+
+``PYUNLEARN_BACKEND=reference|cpp|triton|cuda`` (read at every call) forces one; forcing a backend
+that is unavailable, or that cannot run on the tensors' device, raises ``RuntimeError``. ``triton`` on
+CPU tensors needs ``TRITON_INTERPRET=1``.
+
+The C++ step kernels handle float32 parameters and gradients, the Triton ones float32 parameters;
+other dtypes run the reference (also when that backend is forced). Non-contiguous parameters are updated through contiguous copies that are
+copied back; non-contiguous gradients and logits are read through contiguous copies (logits: read
+in place with their strides by the C++ kernel). Gradients of ``masked_cross_entropy`` are always
+returned contiguous.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference as _ref
+from ._extension import load as _load_extension
+from .rng import STREAM_UPDATE
+
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+_ENV = "PYUNLEARN_BACKEND"
+_CPP_TARGET_DTYPES = (torch.int64, torch.int32, torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend discovery
+# --------------------------------------------------------------------------------------------------
+def forced_backend() -> Optional[str]:
+    """The backend named by ``PYUNLEARN_BACKEND`` (``None`` when unset, empty or ``auto``)."""
+    value = os.environ.get(_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{_ENV} must be one of {BACKENDS} (or 'auto'), got {value!r}")
+    return value
+
+
+def _cpp() -> Optional[ModuleType]:
+    return _load_extension()
+
+
+def _cuda_available() -> bool:
+    module = _cpp()
+    return bool(module is not None and getattr(module, "WITH_CUDA", False) and torch.cuda.is_available())
+
+
+def _triton_package() -> Optional[ModuleType]:
+    try:
+        return importlib.import_module("pyunlearn._triton")
+    except ImportError:
+        return None
+
+
+def _triton_available() -> bool:
+    package = _triton_package()
+    return bool(package is not None and package.is_available())
+
+
+def _triton_interpreting() -> bool:
+    package = _triton_package()
+    if package is not None:
+        return bool(package.interpreting())
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off", "no")
+
+
+def _triton_fn(name: str) -> Callable:
+    package = _triton_package()
+    if package is None:
+        raise RuntimeError("the Triton backend is unavailable: pyunlearn._triton cannot be imported")
+    return getattr(package, name)
+
+
+def backends() -> dict[str, bool]:
+    """Which implementations are live in this process."""
+    return {
+        "reference": True,
+        "cpp": _cpp() is not None,
+        "cuda": _cuda_available(),
+        "triton": _triton_available(),
+        "triton_interpreter": _triton_interpreting(),
+    }
+
+
+def _unavailable(name: str) -> str:
+    if name == "cpp":
+        from ._extension import unavailable_reason
+
+        return unavailable_reason() or "pyunlearn._C is not loaded"
+    if name == "cuda":
+        return "pyunlearn._C was built without CUDA kernels or no CUDA device is present"
+    package = _triton_package()
+    if package is None:
+        return "pyunlearn._triton cannot be imported"
+    return package.unavailable_reason() or "unknown reason"
+
+
+def select_backend(op: str, device: torch.device, *, has_triton: bool = True) -> str:
+    """The backend that runs ``op`` on ``device`` now (forced by ``PYUNLEARN_BACKEND``, else automatic).
+
+    ``has_triton=False`` for ops without a Triton launcher (they use the reference under Triton).
+    """
+    forced = forced_backend()
+    if forced is not None:
+        if forced == "cpp":
+            if _cpp() is None:
+                raise RuntimeError(f"{_ENV}=cpp but the compiled kernels are unavailable: {_unavailable('cpp')}")
+            if device.type != "cpu":
+                raise RuntimeError(f"{_ENV}=cpp runs CPU tensors only; {op} got tensors on {device}")
+        elif forced == "cuda":
+            if not _cuda_available():
+                raise RuntimeError(f"{_ENV}=cuda but {_unavailable('cuda')}")
+            if device.type != "cuda":
+                raise RuntimeError(f"{_ENV}=cuda runs CUDA tensors only; {op} got tensors on {device}")
+        elif forced == "triton":
+            if not _triton_available():
+                raise RuntimeError(f"{_ENV}=triton but the Triton backend is unavailable: {_unavailable('triton')}")
+            if device.type == "cpu" and not _triton_interpreting():
+                raise RuntimeError(f"{_ENV}=triton on CPU tensors ({op}) needs TRITON_INTERPRET=1")
+            if not has_triton:
+                return "reference"
+        return forced
+    if device.type == "cpu":
+        return "cpp" if _cpp() is not None else "reference"
+    if device.type == "cuda":
+        if _cuda_available():
+            return "cuda"
+        if has_triton and _triton_available() and not _triton_interpreting():
+            return "triton"
+    return "reference"
+
+
+# --------------------------------------------------------------------------------------------------
+# Op 1: masked cross-entropy
+# --------------------------------------------------------------------------------------------------
+def _acc_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _mce_compiled(module: ModuleType, logits: Tensor, target: Tensor, mask: Tensor,
+                  weight: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    if target.dtype not in _CPP_TARGET_DTYPES:
+        target = target.long()
+    if weight is not None:
+        weight = weight.to(_acc_dtype(logits)).contiguous()
+    return module.masked_cross_entropy_fwd_bwd(logits, target.contiguous(), mask.contiguous(), weight)
+
+
+def _mce_dispatch(logits: Tensor, target: Tensor, mask: Tensor, weight: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    backend = select_backend("masked_cross_entropy", logits.device)
+    if backend == "reference":
+        loss, grad = _ref.masked_cross_entropy_fwd_bwd(logits, target, mask, weight)
+    elif backend == "triton":
+        loss, grad = _triton_fn("masked_cross_entropy_fwd_bwd")(logits, target, mask, weight)
+    else:  # cpp or cuda: the compiled module dispatches on the device itself
+        loss, grad = _mce_compiled(_cpp(), logits, target, mask, weight)
+    # The op's contract (and its fake kernel): fresh, contiguous outputs.
+    return loss.contiguous(), grad.contiguous()
+
+
+@torch.library.custom_op("pyunlearn::masked_cross_entropy", mutates_args=())
+def masked_cross_entropy_op(logits: Tensor, target: Tensor, mask: Tensor,
+                            weight: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(loss (B,), grad_logits (B, K, N)); see ``pyunlearn.ops.reference.masked_cross_entropy_fwd_bwd``."""
+    loss, grad = _ref.masked_cross_entropy_fwd_bwd(logits, target, mask, weight)
+    return loss.contiguous(), grad.contiguous()
+
+
+masked_cross_entropy_op.register_kernel("cpu")(_mce_dispatch)
+masked_cross_entropy_op.register_kernel("cuda")(_mce_dispatch)
+
+
+@masked_cross_entropy_op.register_fake
+def _(logits: Tensor, target: Tensor, mask: Tensor, weight: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    loss = logits.new_empty((logits.shape[0],), dtype=_acc_dtype(logits))
+    grad = logits.new_empty(logits.shape, dtype=logits.dtype)  # contiguous
+    return loss, grad
+
+
+def _mce_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+
+
+def _mce_backward(ctx, grad_loss: Tensor, grad_grad: Optional[Tensor]):
+    # The gradient output is treated as a constant (no second-order terms); ``weight`` gets no gradient.
+    (grad_logits,) = ctx.saved_tensors
+    d_logits = None
+    if ctx.needs_input_grad[0]:
+        d_logits = (grad_loss[:, None, None] * grad_logits).to(grad_logits.dtype)
+    return d_logits, None, None, None
+
+
+masked_cross_entropy_op.register_autograd(_mce_backward, setup_context=_mce_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Op 2: multi-tensor clip + noise + update
+# --------------------------------------------------------------------------------------------------
+def _fp32_cpu(tensors: Sequence[Tensor]) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
+def _run_inplace(params: list[Tensor], fn: Callable[[list[Tensor]], object]) -> object:
+    """Run ``fn`` on contiguous stand-ins of ``params`` and copy back the non-contiguous ones."""
+    work = [p if p.is_contiguous() else p.contiguous() for p in params]
+    result = fn(work)
+    for p, w in zip(params, work):
+        if w is not p:
+            p.copy_(w)
+    return result
+
+
+def _grads_for_cpp(grads: Sequence[Tensor]) -> list[Tensor]:
+    return [g.contiguous() for g in grads]
+
+
+def _step_backend(op: str, params: Sequence[Tensor], grads: Sequence[Tensor]) -> str:
+    device = params[0].device if params else torch.device("cpu")
+    backend = select_backend(op, device)
+    if backend == "cpp" and not (_fp32_cpu(params) and _fp32_cpu(grads)):
+        return "reference"  # the C++ step kernels are float32-only
+    if backend == "triton" and not all(p.dtype == torch.float32 for p in params):
+        return "reference"  # the Triton step kernels update float32 parameters only
+    return backend
+
+
+def _gradient_clipping_dispatch(params: list[Tensor], grads: list[Tensor], lr: float, max_grad_norm: float,
+                                weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
+    kw = dict(lr=lr, max_grad_norm=max_grad_norm, weight_decay=weight_decay, sigma=sigma, seed=seed, step=step)
+    backend = _step_backend("gradient_clipping_step_", params, grads)
+    if backend == "reference":
+        return _ref.gradient_clipping_step_(params, grads, **kw)
+    if backend == "triton":
+        return _triton_fn("gradient_clipping_step_")(params, grads, **kw)
+    module, gs = _cpp(), _grads_for_cpp(grads)
+    return _run_inplace(params, lambda ps: module.gradient_clipping_step_(ps, gs, lr, max_grad_norm, weight_decay,
+                                                                          sigma, seed, step))
+
+
+def _model_clipping_dispatch(params: list[Tensor], grads: list[Tensor], lr: float, max_model_norm: float,
+                             weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
+    kw = dict(lr=lr, max_model_norm=max_model_norm, weight_decay=weight_decay, sigma=sigma, seed=seed, step=step)
+    backend = _step_backend("model_clipping_step_", params, grads)
+    if backend == "reference":
+        return _ref.model_clipping_step_(params, grads, **kw)
+    if backend == "triton":
+        return _triton_fn("model_clipping_step_")(params, grads, **kw)
+    module, gs = _cpp(), _grads_for_cpp(grads)
+    return _run_inplace(params, lambda ps: module.model_clipping_step_(ps, gs, lr, max_model_norm, weight_decay,
+                                                                       sigma, seed, step))
+
+
+def _dpsgd_dispatch(params: list[Tensor], summed_clipped_grads: list[Tensor], lr: float, noise_multiplier: float,
+                    max_grad_norm: float, expected_batch_size: float, weight_decay: float, seed: int,
+                    step: int) -> None:
+    kw = dict(lr=lr, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+              expected_batch_size=expected_batch_size, weight_decay=weight_decay, seed=seed, step=step)
+    backend = _step_backend("dpsgd_step_", params, summed_clipped_grads)
+    if backend == "reference":
+        _ref.dpsgd_step_(params, summed_clipped_grads, **kw)
+    elif backend == "triton":
+        _triton_fn("dpsgd_step_")(params, summed_clipped_grads, **kw)
+    else:
+        module, gs = _cpp(), _grads_for_cpp(summed_clipped_grads)
+        std = noise_multiplier * max_grad_norm  # in double, as the reference
+        _run_inplace(params, lambda ps: module.dpsgd_step_(ps, gs, lr, std, expected_batch_size, weight_decay,
+                                                           seed, step))
+
+
+def _add_noise_dispatch(params: list[Tensor], sigma: float, seed: int, step: int, stream: int) -> None:
+    device = params[0].device if params else torch.device("cpu")
+    backend = select_backend("add_noise_", device, has_triton=False)
+    if backend == "cpp" and _fp32_cpu(params):
+        module = _cpp()
+        _run_inplace(params, lambda ps: module.add_noise_(ps, sigma, seed, step, stream))
+    else:
+        _ref.add_noise_(params, sigma=sigma, seed=seed, step=step, stream=stream)
+
+
+def _norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _register_step(name: str, reference: Callable, dispatch: Callable, fake: Callable) -> object:
+    op = torch.library.custom_op(f"pyunlearn::{name}", mutates_args={"params"})(reference)
+    op.register_kernel("cpu")(dispatch)
+    op.register_kernel("cuda")(dispatch)
+    op.register_fake(fake)
+    return op
+
+
+def _gradient_clipping_reference(params: list[Tensor], grads: list[Tensor], lr: float, max_grad_norm: float,
+                                 weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
+    return _ref.gradient_clipping_step_(params, grads, lr=lr, max_grad_norm=max_grad_norm,
+                                        weight_decay=weight_decay, sigma=sigma, seed=seed, step=step)
+
+
+def _gradient_clipping_fake(params: list[Tensor], grads: list[Tensor], lr: float, max_grad_norm: float,
+                            weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
+    return params[0].new_empty((), dtype=_norm_dtype(grads))
+
+
+def _model_clipping_reference(params: list[Tensor], grads: list[Tensor], lr: float, max_model_norm: float,
+                              weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
+    return _ref.model_clipping_step_(params, grads, lr=lr, max_model_norm=max_model_norm,
+                                     weight_decay=weight_decay, sigma=sigma, seed=seed, step=step)
+
+
+def _model_clipping_fake(params: list[Tensor], grads: list[Tensor], lr: float, max_model_norm: float,
+                         weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
+    return params[0].new_empty((), dtype=_norm_dtype(params))
+
+
+def _dpsgd_reference(params: list[Tensor], summed_clipped_grads: list[Tensor], lr: float, noise_multiplier: float,
+                     max_grad_norm: float, expected_batch_size: float, weight_decay: float, seed: int,
+                     step: int) -> None:
+    _ref.dpsgd_step_(params, summed_clipped_grads, lr=lr, noise_multiplier=noise_multiplier,
+                     max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                     weight_decay=weight_decay, seed=seed, step=step)
+
+
+def _dpsgd_fake(params: list[Tensor], summed_clipped_grads: list[Tensor], lr: float, noise_multiplier: float,
+                max_grad_norm: float, expected_batch_size: float, weight_decay: float, seed: int,
+                step: int) -> None:
+    return None
+
+
+def _add_noise_reference(params: list[Tensor], sigma: float, seed: int, step: int, stream: int) -> None:
+    _ref.add_noise_(params, sigma=sigma, seed=seed, step=step, stream=stream)
+
+
+def _add_noise_fake(params: list[Tensor], sigma: float, seed: int, step: int, stream: int) -> None:
+    return None
+
+
+gradient_clipping_op = _register_step("gradient_clipping_step_", _gradient_clipping_reference,
+                                      _gradient_clipping_dispatch, _gradient_clipping_fake)
+model_clipping_op = _register_step("model_clipping_step_", _model_clipping_reference, _model_clipping_dispatch,
+                                   _model_clipping_fake)
+dpsgd_op = _register_step("dpsgd_step_", _dpsgd_reference, _dpsgd_dispatch, _dpsgd_fake)
+add_noise_op = _register_step("add_noise_", _add_noise_reference, _add_noise_dispatch, _add_noise_fake)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain helpers (not ops): noise generation and the global norm
+# --------------------------------------------------------------------------------------------------
+def gaussian_noise(numel: int, *, seed: int, step: int, offset: int = 0, stream: int = STREAM_UPDATE,
+                   device: torch.device | str = "cpu") -> Tensor:
+    """Counter-based standard normal float32 noise (``pyunlearn.ops.rng.gaussian_noise``), C++ on CPU."""
+    from .rng import _check_seed, gaussian_noise as reference_noise
+
+    _check_seed(seed, step, stream)
+    device = torch.device(device)
+    if numel < 0 or offset < 0:
+        raise ValueError(f"gaussian_noise: numel and offset must be >= 0, got numel={numel}, offset={offset}")
+    if select_backend("gaussian_noise", device, has_triton=False) == "cpp":
+        return _cpp().gaussian_noise(int(numel), int(seed), int(step), int(offset), int(stream))
+    return reference_noise(numel, seed=seed, step=step, offset=offset, stream=stream, device=device)
+
+
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """L2 norm of all tensors together (float32 accumulation, float64 if any input is float64)."""
+    tensors = list(tensors)
+    if tensors and _fp32_cpu(tensors) and select_backend("global_norm", tensors[0].device,
+                                                         has_triton=False) == "cpp":
+        return _cpp().global_norm([t.contiguous() for t in tensors])
+    return _ref.global_norm(tensors)
