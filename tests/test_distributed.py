@@ -69,3 +69,21 @@ def test_demo_under_torchrun_matches_single_process(tmp_path):
     for name in ("coarse", "retrain", "finetune"):  # deterministic methods agree to float tolerance
         assert two[name]["dice"] == pytest.approx(one[name]["dice"], abs=1e-3), name
         assert two[name]["auroc"] == pytest.approx(one[name]["auroc"], abs=1e-3), name
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.8])
+def test_dpsgd_clips_per_sample_before_the_cross_rank_sum(tmp_path, noise):
+    script = Path(__file__).parent / "scripts" / "ddp_dpsgd.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, multi = tmp_path / "single.pt", tmp_path / "ddp.pt"
+    r1 = subprocess.run([sys.executable, str(script), str(single), str(noise)], capture_output=True, text=True,
+                        timeout=300, env=env)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(multi),
+                         str(noise)], capture_output=True, text=True, timeout=300, env=env)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a, b, b1 = torch.load(single), torch.load(multi), torch.load(f"{multi}.rank1")
+    for name in a:
+        assert torch.equal(b[name], b1[name]), f"ranks disagree on {name}"
+        torch.testing.assert_close(b[name], a[name], rtol=1e-10, atol=1e-12, msg=name)

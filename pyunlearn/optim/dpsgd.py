@@ -10,6 +10,11 @@ Each ``step()`` takes ``p.grad`` as the **sum of clipped per-sample gradients** 
 which is exactly what Opacus' ``DPOptimizer`` (``loss_reduction="mean"``) followed by ``torch.optim.SGD``
 computes. The noise is the project's counter-based Philox noise keyed by ``(seed, step)``.
 Privacy is accounted with Opacus' RDP accountant of the subsampled Gaussian mechanism.
+
+Under ``torch.distributed`` (torchrun) each rank clips its own samples, ``step()`` sums the clipped
+sums over all ranks, and every rank adds the same seeded noise, so the parameters stay identical;
+``expected_batch_size`` and ``sample_rate`` then describe the *global* batch. Do not wrap the model in
+DDP for DP-SGD: its gradients bypass autograd's reducer (``PerSampleGradients`` writes them).
 """
 from __future__ import annotations
 
@@ -53,6 +58,11 @@ def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
         return k * epsilon, 0.0
     log_delta_k = math.log(k) + (k - 1) * epsilon + math.log(delta)
     return k * epsilon, 1.0 if log_delta_k >= 0 else math.exp(log_delta_k)
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _secure_gaussian(numel: int, device: torch.device) -> torch.Tensor:
@@ -227,13 +237,20 @@ class DPSGD(torch.optim.Optimizer):
             raise RuntimeError("DPSGD: the counter-based noise supports at most 2**32 steps per seed")
         work = self._collect()
         std = self.noise_multiplier * self.max_grad_norm
+        world = _world_size()
         for gi, (group, ps, gs) in enumerate(work):
             if not ps:
                 continue
+            if world > 1:  # clip per sample on each rank, then sum the clipped sums over the global batch
+                gs = [g.clone() for g in gs]
+                for g in gs:
+                    torch.distributed.all_reduce(g)
             sigma = self.noise_multiplier
             if self.secure_rng and std > 0:
                 gs = [g.to(torch.promote_types(g.dtype, torch.float32))
                       + std * _secure_gaussian(g.numel(), g.device).view_as(g) for g in gs]
+                for g in gs if world > 1 else ():  # one draw of OS noise, shared by every rank
+                    torch.distributed.broadcast(g, src=0)
                 sigma = 0.0
             ops.dpsgd_step_(ps, gs, lr=float(group["lr"]), noise_multiplier=sigma,
                             max_grad_norm=self.max_grad_norm, expected_batch_size=self.expected_batch_size,
