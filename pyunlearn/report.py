@@ -176,7 +176,9 @@ def summarize_seeds(reports: dict[int, dict], out: Path) -> dict:
     header = "| method | " + " | ".join(keys) + " |"
     lines = [f"Mean ± std over seeds {list(reports)}.", "", header, "|" + "---|" * (len(keys) + 1)]
     for name, row in summary.items():
-        cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" if k in row else "-" for k in keys]
+        digits = {"s_global": 4, "wall_s": 1}
+        cells = [f"{row[k]['mean']:.{digits.get(k, 3)}f} ± {row[k]['std']:.{digits.get(k, 3)}f}" if k in row else "-"
+                 for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return result
