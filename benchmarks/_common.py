@@ -110,10 +110,13 @@ def _tag(device: torch.device) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-").lower()
 
 
-def write_results(name: str, device: torch.device, rows: list[dict], meta: dict) -> tuple[Path, Path]:
-    """``benchmarks/results/<name>-<device>-<date>.json`` (meta + rows) and ``.csv`` (rows)."""
+def write_results(name: str, device: torch.device, rows: list[dict], meta: dict,
+                  threads: Optional[int] = None) -> tuple[Path, Path]:
+    """``benchmarks/results/<name>-<device>-<date>.json`` (meta + rows) and ``.csv`` (rows); the device
+    tag gets ``-<n>t`` when the thread count was set explicitly (``--threads``)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"{name}-{_tag(device)}-{dt.date.today().isoformat()}"
+    tag = _tag(device) + (f"-{threads}t" if threads else "")
+    stem = f"{name}-{tag}-{dt.date.today().isoformat()}"
     json_path, csv_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.csv"
     json_path.write_text(json.dumps({"benchmark": name, **meta, "results": rows}, indent=2) + "\n")
     fields: list[str] = []

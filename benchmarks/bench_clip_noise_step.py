@@ -167,7 +167,7 @@ def main() -> None:
     _common.print_table(rows, ["op", "provider", "params", "median_ms", "iqr_ms", "gb_per_s",
                                "speedup_vs_reference"])
     if not args.no_save:
-        paths = _common.write_results("bench_clip_noise_step", device, rows, meta)
+        paths = _common.write_results("bench_clip_noise_step", device, rows, meta, threads=args.threads)
         print("wrote", *paths)
 
 

@@ -111,7 +111,7 @@ def main() -> None:
     meta = {"environment": _common.environment(device), "quick": args.quick, "repeats": repeats}
     _common.print_table(rows, ["case", "provider", "median_ms", "iqr_ms", "gb_per_s", "speedup_vs_reference"])
     if not args.no_save:
-        paths = _common.write_results("bench_masked_cross_entropy", device, rows, meta)
+        paths = _common.write_results("bench_masked_cross_entropy", device, rows, meta, threads=args.threads)
         print("wrote", *paths)
 
 

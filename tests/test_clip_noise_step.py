@@ -135,10 +135,16 @@ def _noise_of(name: str, backend: str, n: int, sigma: float, seed: int, step: in
 @pytest.mark.parametrize("name", STEPS)
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_noise_statistics(backend, name):
+    # noise = (after the noisy step) - (after the same step with sigma = 0), on random params and grads.
     n, sigma = 60_000, 0.37
-    noise = _noise_of(name, backend, n, sigma, seed=123, step=9).double()
-    if name == "dpsgd_step_":  # x = -lr * (std z) / ebs with std = noise_multiplier * C
-        noise = noise / (-0.1 * 1.0 / 7.0)
+    shapes = [(n // 3,), (n - n // 3,)]
+    params, grads = _tensors(shapes, 31), _tensors(shapes, 32)
+    noisy, clean = _clone(params), _clone(params)
+    _step(name, backend, noisy, grads, **_kw(name, lr=0.1, wd=0.01, clip=2.0, sigma=sigma, seed=123, step=9))
+    _step(name, backend, clean, grads, **_kw(name, lr=0.1, wd=0.01, clip=2.0, sigma=0.0, seed=123, step=9))
+    noise = (torch.cat(noisy) - torch.cat(clean)).double()
+    if name == "dpsgd_step_":  # x -= lr * (std z) / ebs with std = noise_multiplier * C
+        noise = noise / (-0.1 * sigma * 2.0 / 7.0) * sigma
     assert abs(noise.mean().item()) < 5 * sigma / n**0.5
     assert abs(noise.var().item() / sigma**2 - 1.0) < 5 * (2 / n) ** 0.5
 

@@ -1,5 +1,4 @@
 """Resumable unlearning runs: killed at an arbitrary step, resumed, bit-identical to an uninterrupted run."""
-import os
 import signal
 import subprocess
 import sys

@@ -37,7 +37,7 @@ inline float log1p_u(float e) { return simd::log1p_unit(e); }
 inline double log1p_u(double e) { return std::log1p(e); }
 
 // Sum in a fixed order with 16 independent lanes: vectorises (an in-order float reduction would not)
-// and gives the same result on every clone and thread count.
+// and does not depend on the thread count.
 template <typename acc_t>
 inline acc_t lane_sum(const acc_t* __restrict v, int64_t len) {
   acc_t acc[16] = {};
@@ -53,8 +53,8 @@ inline acc_t lane_sum(const acc_t* __restrict v, int64_t len) {
 }
 
 // Softmax cross-entropy on a tile. S: K x P logits in acc_t (overwritten), t: targets clamped to
-// [0, K), w: per-pixel scale (0 where the mask is off). Writes the gradient tile to G (K x P, acc_t)
-// and returns sum_j w_j * loss_j.
+// [0, K), w: per-pixel scale (0 where the mask is off). Overwrites S with the gradient tile and
+// returns sum_j w_j * loss_j.
 template <typename acc_t>
 inline acc_t softmax_tile(acc_t* __restrict S, int64_t K, int64_t P, int64_t len, const int32_t* __restrict t,
                           const acc_t* __restrict w, acc_t* __restrict mx, acc_t* __restrict sum,

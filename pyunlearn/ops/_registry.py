@@ -18,10 +18,10 @@ that is unavailable, or that cannot run on the tensors' device, raises ``Runtime
 CPU tensors needs ``TRITON_INTERPRET=1``.
 
 The C++ step kernels handle float32 parameters and gradients, the Triton ones float32 parameters;
-other dtypes run the reference (also when that backend is forced). Non-contiguous parameters are updated through contiguous copies that are
-copied back; non-contiguous gradients and logits are read through contiguous copies (logits: read
-in place with their strides by the C++ kernel). Gradients of ``masked_cross_entropy`` are always
-returned contiguous.
+other dtypes run the reference (also when that backend is forced). In the C++ path non-contiguous
+parameters are updated through contiguous copies that are copied back, non-contiguous gradients are
+read through contiguous copies, and logits are read in place with their strides. Gradients of
+``masked_cross_entropy`` are always returned contiguous.
 """
 from __future__ import annotations
 

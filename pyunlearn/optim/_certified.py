@@ -13,8 +13,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from .. import certify
-from .._validation import count, positive, probability
+from .. import certify, ops
+from .._validation import count, probability
 
 _GLOBAL_KEY = "certified"
 
@@ -27,6 +27,15 @@ def draw_secure_seed() -> int:
         torch.distributed.broadcast(holder, src=0)
         seed = int(holder.item())
     return seed
+
+
+@torch.no_grad()
+def project_(params: list[torch.Tensor], radius: float) -> None:
+    """Scale ``params`` in place onto the L2 ball of ``radius`` (global norm; no-op inside the ball)."""
+    norm = ops.global_norm(params)
+    factor = torch.clamp(radius / norm.clamp_min(1e-30), max=1.0)
+    for p in params:
+        p.mul_(factor.to(p.dtype))
 
 
 def _fingerprint(params: list[torch.Tensor]) -> list[float]:
@@ -63,6 +72,11 @@ class CertifiedOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(group["params"]):
             if not p.is_floating_point():
                 raise TypeError(f"parameter {self._name(i)} must be floating point, got {p.dtype}")
+            if p.dtype not in (torch.float32, torch.float64):
+                # Rounding a clipped bf16/fp16 model can exceed the clip norm by ~0.3%: the bound the
+                # analysis assumes would not hold.
+                raise TypeError(f"parameter {self._name(i)} is {p.dtype}; certified optimizers need float32 or "
+                                "float64 parameters (keep them float32 and use torch.autocast for mixed precision)")
             if p.is_sparse:
                 raise TypeError(f"parameter {self._name(i)} is sparse; certified optimizers need dense tensors")
         self.delta = probability(delta, "delta")
@@ -128,6 +142,12 @@ class CertifiedOptimizer(torch.optim.Optimizer):
             elif g.shape != p.shape:
                 raise ValueError(f"gradient of parameter {self._name(i)} has shape {tuple(g.shape)}, "
                                  f"expected {tuple(p.shape)}")
+            elif not g.is_floating_point():
+                raise TypeError(f"gradient of parameter {self._name(i)} has dtype {g.dtype}; expected a "
+                                "floating-point gradient")
+            elif g.device != p.device:
+                raise ValueError(f"gradient of parameter {self._name(i)} is on {g.device} but the parameter "
+                                 f"is on {p.device}")
             grads.append(g)
         finite = torch.stack([torch.isfinite(g).all() for g in grads])
         if not bool(finite.all()):
@@ -137,6 +157,11 @@ class CertifiedOptimizer(torch.optim.Optimizer):
         return grads
 
     # ------------------------------------------------------------------ public API
+    # NOTE: never traced by torch.compile (a call inside a compiled function is a graph break and runs
+    # eagerly). Dynamo (torch 2.13) silently drops attribute writes on torch.optim.Optimizer subclasses
+    # that are followed by a graph break in the same frame: ``step_count += 1`` was lost, so the next
+    # step reused the noise of the previous one. The work is one fused kernel call anyway.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

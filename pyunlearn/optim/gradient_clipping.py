@@ -7,7 +7,7 @@ import torch
 
 from .. import certify, ops
 from .._validation import positive
-from ._certified import CertifiedOptimizer
+from ._certified import CertifiedOptimizer, project_
 from .. import _validation
 
 
@@ -50,11 +50,7 @@ class GradientClipping(CertifiedOptimizer):
             sigma = positive(sigma, "sigma", allow_zero=True)
         defaults = dict(lr=lr, c0=c0, c1=c1, weight_decay=weight_decay, sigma=sigma)
         super().__init__(params, defaults, delta=delta, steps=steps, seed=seed, secure_rng=secure_rng)
-        with torch.no_grad():
-            norm = ops.global_norm(self.params)
-            factor = torch.clamp(c0 / norm.clamp_min(1e-30), max=1.0)
-            for p in self.params:
-                p.mul_(factor.to(p.dtype))
+        project_(self.params, c0)
         self._seal()
 
     def _apply(self, grads: list[torch.Tensor]) -> None:

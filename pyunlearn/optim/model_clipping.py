@@ -8,7 +8,7 @@ import torch
 from .. import _validation, certify, ops
 from .._validation import positive
 from ..ops.rng import STREAM_INIT
-from ._certified import CertifiedOptimizer
+from ._certified import CertifiedOptimizer, project_
 
 
 def epsilon_model_clipping(*, delta: float, sigma: float, sigma0: float, steps: int, c0: float, c2: float,
@@ -78,10 +78,7 @@ class ModelClipping(CertifiedOptimizer):
         defaults = dict(lr=lr, c0=c0, c2=c2, weight_decay=weight_decay, sigma=sigma, sigma0=sigma0)
         super().__init__(params, defaults, delta=delta, steps=steps, seed=seed, secure_rng=secure_rng)
         with torch.no_grad():
-            norm = ops.global_norm(self.params)
-            factor = torch.clamp(c0 / norm.clamp_min(1e-30), max=1.0)
-            for p in self.params:
-                p.mul_(factor.to(p.dtype))
+            project_(self.params, c0)
             ops.add_noise_(self.params, sigma=sigma0, seed=self.seed, step=0, stream=STREAM_INIT)
         self._seal()
 

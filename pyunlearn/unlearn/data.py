@@ -5,8 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._validation import check_binary_mask, check_same_shape, check_tensor
-from ..masks import forget_retain
+from .._validation import check_binary_mask, check_same_device, check_same_shape, check_tensor
 
 __all__ = ["SegmentationUnlearningData"]
 
@@ -45,6 +44,9 @@ class SegmentationUnlearningData:
             check_tensor(t, name)
         if images.dim() != 4:
             raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floating point, got {images.dtype}")
+        check_same_device({"images": images, "coarse": coarse, "fine": fine, "has_fine": has_fine})
         n, _, h, w = images.shape
         if tuple(coarse.shape) != (n, h, w):
             raise ValueError(f"coarse must be (N, H, W) = {(n, h, w)} to match images, got {tuple(coarse.shape)}")
@@ -55,10 +57,13 @@ class SegmentationUnlearningData:
         has_fine = has_fine.bool()
         coarse_b = coarse.bool() if coarse.dtype == torch.bool else (check_binary_mask(coarse, "coarse") or coarse.bool())
         fine_b = fine.bool() if fine.dtype == torch.bool else (check_binary_mask(fine, "fine") or fine.bool())
-        forget_all, _ = forget_retain(coarse_b[has_fine], fine_b[has_fine])
-        forget = torch.zeros_like(coarse_b)
-        forget[has_fine] = forget_all
         fine_img = has_fine[:, None, None]
+        outside = fine_b & ~coarse_b & fine_img
+        if outside.any():
+            where = outside.flatten(1).any(dim=1).nonzero().flatten()
+            raise ValueError(f"fine mask is not inside the coarse mask: {int(outside.sum())} pixels in {where.numel()} "
+                             f"image(s) with has_fine, first at image index {int(where[0])}")
+        forget = coarse_b & ~fine_b & fine_img
         retain = fine_img.expand_as(coarse_b).clone()
         if coarse_background:
             retain |= ~coarse_b

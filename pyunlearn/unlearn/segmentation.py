@@ -10,7 +10,6 @@ decoder trains: the certified parameter set is exactly the trainable parameters.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,9 +19,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .. import certify, ops
+from .._validation import count
 from ..checkpoint import load_checkpoint, model_identity, save_checkpoint
 from ..losses import masked_cross_entropy
 from ..optim import GradientClipping, ModelClipping
+from ..optim._certified import draw_secure_seed, project_
 from ..ops.rng import STREAM_INIT
 from .data import SegmentationUnlearningData
 
@@ -75,10 +76,10 @@ def _check_loss(loss: torch.Tensor, step: int, method: str) -> None:
                          "and the model is unchanged from the previous step")
 
 
-def _retain_indices(data: SegmentationUnlearningData, mask: torch.Tensor) -> torch.Tensor:
+def _retain_indices(data: SegmentationUnlearningData, mask: torch.Tensor, method: str = "") -> torch.Tensor:
     idx = mask.flatten(1).any(dim=1).nonzero().flatten()
     if idx.numel() == 0:
-        raise ValueError("no image has any pixel to train on (empty retain set)")
+        raise ValueError(f"{method}: no image has any pixel to train on (empty retain set)")
     return idx
 
 
@@ -161,12 +162,14 @@ def _run(model: nn.Module, data: SegmentationUnlearningData, optimizer: torch.op
     on its shard and the gradients are averaged before the step, so every optimizer (certified ones
     included: same clipping of the global-batch gradient, same seeded noise) stays identical on all
     ranks. Only rank 0 writes checkpoints."""
+    count(steps, f"{method}: steps", minimum=0)
+    count(batch_size, f"{method}: batch_size")
     record = record if record is not None else {"losses": [], "trajectory": []}
     if steps == 0:
         return record
     start = checkpoints.restore(phase, model, optimizer, record) if checkpoints else 0
     inputs = inputs or _Inputs(model, data.images)
-    pool = _retain_indices(data, data.retain if index_mask is None else index_mask)
+    pool = _retain_indices(data, data.retain if index_mask is None else index_mask, method)
     batch_size = min(batch_size, pool.numel())
     rank, world = _world()
     if world > batch_size:
@@ -325,6 +328,7 @@ def _certified_run(model, data, optimizer_cls, optimizer_kwargs, *, method, step
                    finetune_steps, finetune_lr, eval_fn, eval_every, progress, checkpoint, checkpoint_every):
     """Noisy certified phase on retain data, then optional noise-free fine-tuning on retain data
     (post-processing: the guarantee is unchanged). Resumable in either phase."""
+    count(finetune_steps, "finetune_steps", minimum=0)  # before the noisy phase, not after it
     t0 = time.perf_counter()
     named = _trainable(model)
     ck = _checkpoints(checkpoint, checkpoint_every, method=method, model=model, data=data,
@@ -408,13 +412,9 @@ def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, e
     seeded = noise_seed is not None
     if seeded and (isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or not 0 <= noise_seed < 2**63):
         raise ValueError(f"noise_seed must be an int in [0, 2**63), got {noise_seed!r}")
-    from ..optim._certified import draw_secure_seed
-
     noise_seed = noise_seed if seeded else draw_secure_seed()
     with torch.no_grad():
-        factor = torch.clamp(c0 / ops.global_norm(params).clamp_min(1e-30), max=1.0)
-        for p in params:
-            p.mul_(factor.to(p.dtype))
+        project_(params, c0)
         ops.add_noise_(params, sigma=sigma0, seed=noise_seed, step=0, stream=STREAM_INIT)
     record = {"losses": [], "trajectory": []}
     if eval_fn is not None and eval_every:
