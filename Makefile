@@ -27,7 +27,7 @@ test: $(STAMP)
 	TRITON_INTERPRET=$(TRITON_INTERPRET) $(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info pyunlearn/*.so
