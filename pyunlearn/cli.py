@@ -18,6 +18,10 @@ def _add_demo(sub) -> None:
     # while two threads spent most of their time waiting for each other when the machine was busy.
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="checkpoint every stage here; rerunning the same command resumes after a crash")
+    p.add_argument("--noise-seed", type=int, default=None,
+                   help="seed the certified noise (reproducible, NOT secret); default: OS entropy")
 
 
 def _add_run(sub) -> None:
@@ -81,18 +85,24 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         from .report import format_table
 
-        config = _quick_config() if args.quick else None
+        import dataclasses
+
+        from .pipeline import DemoConfig
+
+        config = dataclasses.replace(_quick_config() if args.quick else DemoConfig(), noise_seed=args.noise_seed)
         if args.seeds:
             from .report import summarize_seeds
 
             reports = {s: run_synthetic_demo(args.out / f"seed-{s}", seed=s, device=args.device, config=config,
-                                             progress=not args.no_progress) for s in args.seeds}
+                                             progress=not args.no_progress,
+                                             checkpoint_dir=args.checkpoint_dir and args.checkpoint_dir / f"seed-{s}")
+                       for s in args.seeds}
             if _is_main_rank():
                 summarize_seeds(reports, args.out)
                 print((args.out / "summary.md").read_text())
             return 0
         report = run_synthetic_demo(args.out, seed=args.seed, device=args.device, config=config,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir)
         if _is_main_rank():
             print(format_table(report["methods"], markdown=False))
             print(f"\nreport: {args.out / 'report.md'}  ({report['config']['total_wall_s']:.0f} s)")

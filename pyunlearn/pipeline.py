@@ -64,6 +64,8 @@ class DemoConfig:
     mc_c2: float = 1.0
     post_steps: int = 300
     post_lr: float = 1e-2
+    #: Seed of the certified noise; None draws it from the operating system (secret, not reproducible).
+    noise_seed: Optional[int] = None
     eval_every: int = 25
     s_global_boot: int = 200
     methods: tuple = METHODS
@@ -135,10 +137,10 @@ def _method_kwargs(config: DemoConfig, seed: int) -> dict[str, tuple[Callable, d
                                                   lr=config.finetune_lr, **common)),
         "gradient_clipping": (unlearn.gradient_clipping, dict(
             epsilon=config.epsilon, delta=config.delta, steps=config.gc_steps, lr=config.gc_lr, c0=config.gc_c0,
-            c1=config.gc_c1, weight_decay=config.gc_weight_decay, **post, **common)),
+            c1=config.gc_c1, weight_decay=config.gc_weight_decay, noise_seed=config.noise_seed, **post, **common)),
         "model_clipping": (unlearn.model_clipping, dict(
             epsilon=config.epsilon, delta=config.delta, steps=config.mc_steps, lr=config.mc_lr, c2=config.mc_c2,
-            **post, **common)),
+            noise_seed=config.noise_seed, **post, **common)),
         # Pixel-level PSG (not in the default method list): forget pixels relabelled to the original
         # model's nearest wrong class at a perturbed boundary point.
         "psg_segmentation": (unlearn.psg_segmentation, dict(steps=config.finetune_steps, lr=config.finetune_lr,
@@ -146,12 +148,18 @@ def _method_kwargs(config: DemoConfig, seed: int) -> dict[str, tuple[Callable, d
     }
 
 
+def _checkpoint_path(checkpoint_dir: Optional[Path], stage: str) -> Optional[Path]:
+    return None if checkpoint_dir is None else Path(checkpoint_dir) / f"{stage.replace(' ', '_')}.ckpt"
+
+
 def run_pipeline(model: nn.Module, data: SegmentationUnlearningData, test: EvalSet, config: DemoConfig, *,
                  seed: int = 0, oracle_data: Optional[SegmentationUnlearningData] = None,
-                 progress: bool = True) -> tuple[dict, dict[str, nn.Module]]:
+                 progress: bool = True, checkpoint_dir: Optional[Path] = None) -> tuple[dict, dict[str, nn.Module]]:
     """Unlearn with every configured method from the coarse ``model`` and evaluate each.
 
-    Returns ``(methods, models)``: per-method metrics/records and the resulting models.
+    Returns ``(methods, models)``: per-method metrics/records and the resulting models. With
+    ``checkpoint_dir`` every method checkpoints there and a rerun resumes (finished methods replay
+    from their final checkpoint).
     """
     results: dict[str, dict] = {}
     models: dict[str, nn.Module] = {"coarse": model}
@@ -170,7 +178,8 @@ def run_pipeline(model: nn.Module, data: SegmentationUnlearningData, test: EvalS
                 continue
             t0 = time.perf_counter()
             trained, record = unlearn.retrain(model, oracle_data, steps=config.retrain_steps, lr=config.lr,
-                                              batch_size=config.batch_size, seed=seed, progress=progress)
+                                              batch_size=config.batch_size, seed=seed, progress=progress,
+                                              checkpoint=_checkpoint_path(checkpoint_dir, name))
             record["wall_s"] = time.perf_counter() - t0
         else:
             if name not in table:
@@ -179,7 +188,7 @@ def run_pipeline(model: nn.Module, data: SegmentationUnlearningData, test: EvalS
             if name in ("finetune", "gradient_clipping", "model_clipping", "retrain"):
                 kwargs = dict(kwargs, eval_fn=trajectory_eval, eval_every=config.eval_every)
             if name != "psg_segmentation":
-                kwargs = dict(kwargs, progress=progress)
+                kwargs = dict(kwargs, progress=progress, checkpoint=_checkpoint_path(checkpoint_dir, name))
             trained, record = fn(model, data, **kwargs)
         metrics = evaluate(trained, test, n_boot=config.s_global_boot, seed=seed)
         results[name] = {**metrics, "wall_s": record["wall_s"], "certificate": record.get("certificate"),
@@ -199,7 +208,8 @@ def build_synthetic(config: DemoConfig, seed: int):
 
 
 def pretrain(public_images: torch.Tensor, public_masks: torch.Tensor, private: SegmentationUnlearningData,
-             config: DemoConfig, *, seed: int, progress: bool = True) -> nn.Module:
+             config: DemoConfig, *, seed: int, progress: bool = True,
+             checkpoint_dir: Optional[Path] = None) -> nn.Module:
     """A public encoder (trained with its own decoder on public data), frozen; then a fresh decoder
     trained on the private coarse masks: the coarse model."""
     torch.manual_seed(seed)
@@ -207,18 +217,23 @@ def pretrain(public_images: torch.Tensor, public_masks: torch.Tensor, private: S
     everything = torch.ones(public_images.shape[0], dtype=torch.bool)
     public = SegmentationUnlearningData.from_masks(public_images, public_masks, public_masks, everything)
     unlearn.train_segmenter(model, public, target="all", steps=config.public_steps, lr=config.lr,
-                            batch_size=config.batch_size, seed=seed, progress=progress, method="public encoder")
+                            batch_size=config.batch_size, seed=seed, progress=progress, method="public encoder",
+                            checkpoint=_checkpoint_path(checkpoint_dir, "public encoder"))
     model.freeze_encoder().reset_decoder(seed)
     coarse_all = SegmentationUnlearningData(images=private.images, target=private.coarse, retain=private.retain,
                                             forget=private.forget, coarse=private.coarse, has_fine=private.has_fine)
     unlearn.train_segmenter(model, coarse_all, target="all", steps=config.coarse_steps, lr=config.lr,
-                            batch_size=config.batch_size, seed=seed, progress=progress, method="coarse decoder")
+                            batch_size=config.batch_size, seed=seed, progress=progress, method="coarse decoder",
+                            checkpoint=_checkpoint_path(checkpoint_dir, "coarse decoder"))
     return model
 
 
 def run_synthetic_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu", config: Optional[DemoConfig] = None,
-                       progress: bool = True, figures: bool = True) -> dict:
-    """The synthetic end-to-end job behind ``pyunlearn demo``; writes report.json, report.md, figures."""
+                       progress: bool = True, figures: bool = True, checkpoint_dir: Optional[Path] = None) -> dict:
+    """The synthetic end-to-end job behind ``pyunlearn demo``; writes report.json, report.md, figures.
+
+    With ``checkpoint_dir`` every training stage checkpoints there; rerunning the same command after
+    a crash or pre-emption resumes where it stopped."""
     from .report import write_report
 
     config = config or DemoConfig()
@@ -237,10 +252,12 @@ def run_synthetic_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu
                                                    torch.ones_like(to(private.has_fine)))
     evalset = EvalSet(images=to(test.images), fine=to(test.fine), labels=test.labels,
                       has_artefact=test.has_artefact, artefact_map=to(test.artefact_map))
-    model = pretrain(to(public.images), to(public.fine), data, config, seed=seed, progress=progress).to(dev)
+    model = pretrain(to(public.images), to(public.fine), data, config, seed=seed, progress=progress,
+                     checkpoint_dir=checkpoint_dir).to(dev)
     evalset.cache_features(model)
     pretrain_s = time.perf_counter() - t0
-    methods, models = run_pipeline(model, data, evalset, config, seed=seed, oracle_data=oracle, progress=progress)
+    methods, models = run_pipeline(model, data, evalset, config, seed=seed, oracle_data=oracle, progress=progress,
+                                   checkpoint_dir=checkpoint_dir)
     report = {"config": {**config.to_dict(), "seed": seed, "device": device, "pretrain_wall_s": pretrain_s,
                          "total_wall_s": time.perf_counter() - t0},
               "methods": methods}

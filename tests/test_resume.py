@@ -1,4 +1,5 @@
 """Resumable unlearning runs: killed at an arbitrary step, resumed, bit-identical to an uninterrupted run."""
+import os
 import signal
 import subprocess
 import sys
@@ -115,3 +116,34 @@ def test_finished_run_resumes_to_the_same_result(tmp_path, tiny):
     for (n, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), n
     assert rec1["certificate"] == rec2["certificate"]
+
+
+def _metrics(report):
+    return {name: {k: v for k, v in m.items() if k not in ("wall_s", "hyperparameters")}
+            for name, m in report["methods"].items()}
+
+
+def test_cli_demo_killed_and_rerun_gives_the_same_report(tmp_path):
+    """SIGKILL `pyunlearn demo` once a mid-pipeline checkpoint exists; the same command resumes."""
+    import json
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "pyunlearn.cli", "demo", "--quick", "--no-progress", "--noise-seed", "3"]
+    full = subprocess.run(base + ["--out", str(tmp_path / "full")], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert full.returncode == 0, full.stderr[-3000:]
+    ckpt = tmp_path / "ckpt"
+    cmd = base + ["--out", str(tmp_path / "resumed"), "--checkpoint-dir", str(ckpt)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 600
+    while not (ckpt / "finetune.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "resumed" / "report.json").exists(), "the run finished before it could be killed"
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    one = json.loads((tmp_path / "full" / "report.json").read_text())
+    two = json.loads((tmp_path / "resumed" / "report.json").read_text())
+    assert _metrics(one) == _metrics(two)

@@ -220,11 +220,14 @@ def _adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 def train_segmenter(model: nn.Module, data: SegmentationUnlearningData, *, target: str = "retain",
                     steps: int = 400, lr: float = 1e-2, batch_size: int = 32, seed: int = 0,
-                    inplace: bool = True, progress: bool = False, method: str = "train") -> tuple[nn.Module, dict]:
+                    inplace: bool = True, progress: bool = False, method: str = "train", checkpoint=None,
+                    checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
     """Supervised training of the trainable parameters on all pixels with labels ``data.target``
-    (``target="all"``) or on the retain pixels only (``target="retain"``)."""
+    (``target="all"``) or on the retain pixels only (``target="retain"``). Resumable like the operators."""
     t0 = time.perf_counter()
     model = _start(model, inplace)
+    ck = _checkpoints(checkpoint, checkpoint_every, method=method, model=model, data=data,
+                      hyper=dict(target=target, steps=steps, lr=lr, batch_size=batch_size, seed=seed))
     if target == "all":
         everything = torch.ones_like(data.retain)
 
@@ -236,7 +239,7 @@ def train_segmenter(model: nn.Module, data: SegmentationUnlearningData, *, targe
         raise ValueError(f"target must be 'all' or 'retain', got {target!r}")
     record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method=method,
                   loss_fn=loss_fn, index_mask=torch.ones_like(data.retain) if target == "all" else None,
-                  progress=progress)
+                  progress=progress, checkpoints=ck)
     return model, _finish(record, method, t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
 
 
