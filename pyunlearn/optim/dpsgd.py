@@ -226,6 +226,9 @@ class DPSGD(torch.optim.Optimizer):
     def _group_seed(self, gi: int) -> int:
         return (self.seed + gi * _GROUP_STRIDE) % 2**63
 
+    # NOTE: torch.compile (2.13) drops the write to ``steps_taken`` when a graph break follows it in the
+    # same frame, so a compiled step would reuse the previous step's noise; the step always runs eagerly.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """One DP-SGD update of every parameter group; returns the closure's loss, if any."""
