@@ -301,6 +301,20 @@ def _common_checks(steps, lr, batch_size, forget_batch_size, remain_weight, temp
 # --------------------------------------------------------------------------------------------------
 # Public classification methods
 # --------------------------------------------------------------------------------------------------
+def _forget_remain(model: nn.Module, forget, remain, remain_weight: float, rng):
+    """Validated forget (x, y), optional remain (x, y); forget inputs must lie in ``clip_range``."""
+    xf, yf = as_xy(forget, "forget", model=model)
+    rem = None
+    if remain is not None:
+        rem = as_xy(remain, "remain", model=model)
+    elif remain_weight > 0:
+        raise ValueError("remain is None but remain_weight > 0; pass remain data or set remain_weight=0")
+    if rng is not None and (xf.min() < rng[0] or xf.max() > rng[1]):
+        raise ValueError(f"forget: x has values in [{float(xf.min()):.4g}, {float(xf.max()):.4g}], outside "
+                         f"clip_range {rng}; rescale the inputs or pass the right clip_range (None: no range)")
+    return xf, yf, rem
+
+
 def psg(
     model: nn.Module,
     forget,
@@ -352,15 +366,7 @@ def psg(
                                                    stayed_true, clip_range)
     fbs, remain_weight, temperature = _common_checks(steps, lr, batch_size, forget_batch_size, remain_weight,
                                                      temperature, weight_decay, seed)
-    xf, yf = as_xy(forget, "forget", model=model)
-    rem = None
-    if remain is not None:
-        rem = as_xy(remain, "remain", model=model)
-    elif remain_weight > 0:
-        raise ValueError("remain is None but remain_weight > 0; pass remain data or set remain_weight=0")
-    if rng is not None and (xf.min() < rng[0] or xf.max() > rng[1]):
-        raise ValueError(f"forget: x has values in [{float(xf.min()):.4g}, {float(xf.max()):.4g}], outside "
-                         f"clip_range {rng}; rescale the inputs or pass the right clip_range (None: no range)")
+    xf, yf, rem = _forget_remain(model, forget, remain, remain_weight, rng)
     orig = _frozen_copy(model)
     net = _copy_model(model, inplace)
     noise_gen = _generator(seed + 2, xf.device)
@@ -418,15 +424,7 @@ def boundary_shrink(
     rng = _check_range(clip_range)
     fbs, remain_weight, temperature = _common_checks(steps, lr, batch_size, forget_batch_size, remain_weight,
                                                      temperature, weight_decay, seed)
-    xf, yf = as_xy(forget, "forget", model=model)
-    rem = None
-    if remain is not None:
-        rem = as_xy(remain, "remain", model=model)
-    elif remain_weight > 0:
-        raise ValueError("remain is None but remain_weight > 0; pass remain data or set remain_weight=0")
-    if rng is not None and (xf.min() < rng[0] or xf.max() > rng[1]):
-        raise ValueError(f"forget: x has values in [{float(xf.min()):.4g}, {float(xf.max()):.4g}], outside "
-                         f"clip_range {rng}")
+    xf, yf, rem = _forget_remain(model, forget, remain, remain_weight, rng)
     orig = _frozen_copy(model)
     net = _copy_model(model, inplace)
 
