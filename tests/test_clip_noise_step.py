@@ -2,53 +2,18 @@
 noise properties the certificates rely on, and the torch.library registration (opcheck)."""
 from __future__ import annotations
 
-import importlib
-import os
-from contextlib import contextmanager
-
 import pytest
 import torch
-from hypothesis import Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import pyunlearn.ops as ops
+from backends import BACKENDS, examples, forced
 from pyunlearn.ops import reference as ref
 from pyunlearn.ops.rng import STREAM_INIT
 
 
-def _triton_ready() -> bool:
-    try:
-        return importlib.import_module("pyunlearn._triton").is_available()
-    except ImportError:
-        return False
-
-
-BACKENDS = ["reference"] + (["cpp"] if ops.backends()["cpp"] else []) + (
-    ["triton"] if _triton_ready() and ops.backends()["triton_interpreter"] else [])
 needs_cpp = pytest.mark.skipif(not ops.backends()["cpp"], reason="pyunlearn._C is not built")
-
-
-@contextmanager
-def forced(backend: str | None):
-    old = os.environ.get("PYUNLEARN_BACKEND")
-    if backend is None:
-        os.environ.pop("PYUNLEARN_BACKEND", None)
-    else:
-        os.environ["PYUNLEARN_BACKEND"] = backend
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("PYUNLEARN_BACKEND", None)
-        else:
-            os.environ["PYUNLEARN_BACKEND"] = old
-
-
-def _examples(backend: str) -> settings:
-    # No shrinking there either: a failure is reported as generated.
-    if backend == "triton":
-        return settings(max_examples=8, phases=[Phase.explicit, Phase.reuse, Phase.generate])
-    return settings()
 
 
 SHAPES = st.lists(st.sampled_from([(1,), (7,), (3, 5), (129,), (2, 3, 11), (0,), (1031,)]), min_size=1, max_size=4)
@@ -84,7 +49,7 @@ STEPS = ["gradient_clipping_step_", "model_clipping_step_", "dpsgd_step_"]
 @pytest.mark.parametrize("name", STEPS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_reference(backend, name):
-    @_examples(backend)
+    @examples(backend)
     @given(shapes=SHAPES, seed=st.integers(0, 2**63 - 1), step=st.integers(0, 2**32 - 1),
            lr=st.sampled_from([0.0, 0.05, 0.5]), wd=st.sampled_from([0.0, 1e-3, 0.3]),
            clip=st.sampled_from([1e-3, 1.0, 5.0, 1e30]), sigma=st.sampled_from([0.0, 0.01, 0.7]),

@@ -3,62 +3,18 @@ torch.library registration (opcheck, autograd, torch.compile) and the backend di
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
-from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import pyunlearn.ops as ops
+from backends import BACKENDS, examples, forced
 from pyunlearn.ops import _extension, _registry
 from pyunlearn.ops import reference as ref
-
-
-def _triton_ready() -> bool:
-    try:
-        return importlib.import_module("pyunlearn._triton").is_available()
-    except ImportError:
-        return False
-
-
-def _cpu_backends() -> list[str]:
-    names = ["reference"]
-    if ops.backends()["cpp"]:
-        names.append("cpp")
-    if _triton_ready() and ops.backends()["triton_interpreter"]:
-        names.append("triton")
-    return names
-
-
-BACKENDS = _cpu_backends()
-
-
-@contextmanager
-def forced(backend: str | None):
-    old = os.environ.get("PYUNLEARN_BACKEND")
-    if backend is None:
-        os.environ.pop("PYUNLEARN_BACKEND", None)
-    else:
-        os.environ["PYUNLEARN_BACKEND"] = backend
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("PYUNLEARN_BACKEND", None)
-        else:
-            os.environ["PYUNLEARN_BACKEND"] = old
-
-
-def _examples(backend: str) -> settings:
-    # The Triton interpreter costs ~50 ms a call: fewer examples there.
-    # No shrinking there either: a failure is reported as generated.
-    if backend == "triton":
-        return settings(max_examples=8, phases=[Phase.explicit, Phase.reuse, Phase.generate])
-    return settings()
 
 
 def _make(seed: int, b: int, k: int, n: int, *, mask: str, weighted: bool, layout: str,
@@ -90,7 +46,7 @@ def _call(backend: str, *args):
 # ------------------------------------------------------------------------------------------ float32
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_reference_float32(backend):
-    @_examples(backend)
+    @examples(backend)
     @given(seed=st.integers(0, 2**31), b=st.integers(1, 3), k=st.sampled_from([1, 2, 3, 7]),
            n=st.integers(1, 700), mask=st.sampled_from(["random", "empty", "full"]), weighted=st.booleans(),
            layout=st.sampled_from(["contiguous", "permuted", "strided"]))
