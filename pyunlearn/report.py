@@ -72,17 +72,17 @@ def _figures(report: dict, out: Path, models: dict, test) -> list[str]:
         fig, axes = plt.subplots(len(picks), cols, figsize=(2.1 * cols, 2.2 * len(picks)), squeeze=False)
         for r, i in enumerate(picks):
             img = test.images[i].permute(1, 2, 0).cpu().clamp(0, 1)
-            axes[r, 0].imshow(img)
+            axes[r, 0].imshow(img.numpy())
             axes[r, 0].set_title("image" + (" (artefact)" if test.has_artefact[i] else ""), fontsize=8)
             overlay = img.clone()
             if test.artefact_map is not None:
                 overlay[test.artefact_map[i].cpu()] = torch.tensor([1.0, 0.0, 1.0])
             overlay[test.fine[i].cpu()] = overlay[test.fine[i].cpu()] * 0.4 + torch.tensor([0.0, 0.6, 0.0])
-            axes[r, 1].imshow(overlay)
+            axes[r, 1].imshow(overlay.numpy())
             axes[r, 1].set_title("fine (green), artefact (magenta)", fontsize=7)
             for c, m in enumerate(shown):
-                axes[r, 2 + c].imshow(probs[m][r], vmin=0, vmax=1, cmap="magma")
-                axes[r, 2 + c].contour(test.fine[i].cpu().float(), levels=[0.5], colors="cyan", linewidths=0.6)
+                axes[r, 2 + c].imshow(probs[m][r].numpy(), vmin=0, vmax=1, cmap="magma")
+                axes[r, 2 + c].contour(test.fine[i].cpu().float().numpy(), levels=[0.5], colors="cyan", linewidths=0.6)
                 axes[r, 2 + c].set_title(f"{m}", fontsize=8)
         for ax in axes.flat:
             ax.set_xticks([])
