@@ -314,6 +314,9 @@ def run_config(path: str | Path, *, progress: bool = True) -> tuple[dict, Path]:
     config = DemoConfig(**cfg.get("pipeline", {}))
     split = cfg.get("split", {})
     seed = int(split.get("seed", 0))
+    if bool((dataset.labels < 0).any()):
+        raise ValueError(f"{path}: image-level labels are needed for the AUROC evaluation; give [data] "
+                         "labels_csv (columns image,label) for kind = 'folder'")
     tensors = _stack_dataset(dataset, progress=progress)
     n = tensors["image"].shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

@@ -91,6 +91,22 @@ def test_run_config_errors(tmp_path):
         main(["run", str(config), "--no-progress"])
 
 
+def test_run_config_folder_without_labels_is_refused(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(tmp_path / "images" / f"a{i}.png")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "masks" / f"a{i}.png")
+    config = tmp_path / "job.toml"
+    config.write_text(f'out = "r"\n[data]\nkind = "folder"\nimages = "{tmp_path / "images"}"\n'
+                      f'masks = "{tmp_path / "masks"}"\n')
+    with pytest.raises(ValueError, match="labels_csv"):
+        main(["run", str(config), "--no-progress"])
+
+
 def test_summarize_seeds_mean_and_spread(tmp_path):
     from pyunlearn.report import summarize_seeds
 
