@@ -29,9 +29,15 @@ class CheckpointError(ValueError):
     """A checkpoint is corrupt, truncated, or belongs to another run."""
 
 
-def model_identity(model: nn.Module) -> dict[str, list[int]]:
-    """Names and shapes of every parameter and buffer: what a checkpoint must match."""
-    return {name: list(t.shape) for name, t in list(model.named_parameters()) + list(model.named_buffers())}
+def model_identity(model: nn.Module) -> dict[str, Any]:
+    """Names and shapes of every parameter and buffer, and a SHA-256 of their values: a checkpoint
+    resumes only the run that started from exactly this model."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    digest = hashlib.sha256()
+    for name, t in tensors:
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return {"shapes": {name: list(t.shape) for name, t in tensors}, "sha256": digest.hexdigest()}
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any], *, identity: dict[str, Any]) -> None:

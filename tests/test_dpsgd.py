@@ -363,3 +363,16 @@ def test_bad_param_group_lr():
     with pytest.raises(ValueError, match="lr"):
         DPSGD([{"params": [nn.Parameter(torch.zeros(2))], "lr": -1.0}], lr=0.1, noise_multiplier=1.0,
               max_grad_norm=1.0, expected_batch_size=4)
+
+
+def test_group_epsilon_for_changed_samples_counts_twice():
+    from pyunlearn.optim.dpsgd import DPSGD, group_privacy
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = DPSGD([p], lr=0.1, max_grad_norm=1.0, expected_batch_size=8, noise_multiplier=1.0, sample_rate=0.1,
+                seed=0, check_clipped=False)
+    p.grad = torch.zeros(3)
+    opt.step()
+    eps = opt.epsilon(1e-5)
+    assert opt.group_epsilon(3, 1e-5) == group_privacy(eps, 1e-5, 3)
+    assert opt.group_epsilon(3, 1e-5, substitution=True) == group_privacy(eps, 1e-5, 6)

@@ -5,6 +5,7 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from pyunlearn import certify
 from pyunlearn.certify import CertificateError
 from pyunlearn.ops.rng import STREAM_UPDATE, gaussian_noise
-from pyunlearn.optim import GradientClipping, ModelClipping
+from pyunlearn.optim import GradientClipping, ModelClipping, _certified
 
 GC_KW = dict(lr=0.1, c0=1.0, c1=0.5, delta=1e-5, steps=4, sigma=0.05, seed=7)
 MC_KW = dict(lr=0.1, c2=1.5, delta=1e-5, steps=4, sigma=0.05, seed=7)
@@ -231,8 +232,12 @@ def test_secure_seed_differs_between_optimizers(cls, kw):
 def test_gc_epsilon_calibration(epsilon):
     params = make_params(0)
     opt = GradientClipping(params, lr=0.1, c0=1.0, c1=1.0, delta=1e-5, steps=5, epsilon=epsilon, seed=0)
-    assert opt.hyper["sigma"] == certify.sigma_gradient_clipping(epsilon=epsilon, delta=1e-5, steps=5, lr=0.1,
-                                                                 c0=1.0, c1=1.0)
+    # Calibrated with the clip bounds inflated by the float32 slack, then rounded up to a float32 value
+    # (what the fused kernels use exactly).
+    slack = _certified.CLIP_SLACK
+    calibrated = certify.sigma_gradient_clipping(epsilon=epsilon, delta=1e-5, steps=5, lr=0.1, c0=slack, c1=slack)
+    assert opt.hyper["sigma"] == _certified.float32_up(calibrated)
+    assert opt.hyper["sigma"] == float(np.float32(opt.hyper["sigma"])) >= calibrated
     for _ in range(5):
         opt.step()
     cert = opt.certificate()
@@ -504,3 +509,35 @@ def test_load_state_dict_mismatches(cls, kw):
     o = fresh()
     o.load_state_dict(state)
     assert o.step_count == 1
+
+
+def test_secret_seed_never_leaves_the_process():
+    params = make_params(0)
+    opt = GradientClipping(params, lr=0.1, c0=1.0, c1=1.0, delta=1e-5, steps=3, sigma=0.5)  # OS-entropy seed
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = opt.state_dict()
+    assert state["certified"]["seed"] is None and state["certified"]["seeded"] is False
+    assert str(opt.seed) not in json.dumps(state, default=str)
+    saved = [p.detach().clone() for p in params]
+    fresh = GradientClipping(params, lr=0.1, c0=1.0, c1=1.0, delta=1e-5, steps=3, sigma=0.5)
+    with torch.no_grad():  # the documented order: optimizer, then model state, then optimizer state
+        for p, v in zip(params, saved):
+            p.copy_(v)
+    fresh.load_state_dict(state)
+    assert fresh.step_count == 1 and not fresh.seeded and fresh.seed != opt.seed  # fresh secret noise
+
+
+def test_gradients_from_before_construction_are_dropped():
+    params = make_params(0)
+    for p in params:
+        p.grad = torch.full_like(p, 7.0)  # taken at the unprojected model
+    GradientClipping(params, lr=0.1, c0=1.0, c1=1.0, delta=1e-5, steps=1, sigma=0.0, seed=0)
+    assert all(p.grad is None for p in params)
+
+
+def test_duplicate_parameters_are_refused():
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="more than once"):
+        GradientClipping([p, p], lr=0.1, c0=1.0, c1=1.0, delta=1e-5, steps=1, sigma=0.0, seed=0)

@@ -147,3 +147,14 @@ def test_cli_demo_killed_and_rerun_gives_the_same_report(tmp_path):
     one = json.loads((tmp_path / "full" / "report.json").read_text())
     two = json.loads((tmp_path / "resumed" / "report.json").read_text())
     assert _metrics(one) == _metrics(two)
+
+
+def test_checkpoint_of_another_starting_model_is_refused(tmp_path, tiny):
+    """Same architecture and data, other weights: resuming would silently return the other run."""
+    model, data = tiny
+    path = tmp_path / "gc.ckpt"
+    gradient_clipping(model, data, steps=2, finetune_steps=1, batch_size=4, noise_seed=1, checkpoint=path,
+                      checkpoint_every=1)
+    other = EncoderDecoder(width=4).freeze_encoder()
+    with pytest.raises(CheckpointError, match="model"):
+        gradient_clipping(other, data, steps=2, finetune_steps=1, batch_size=4, noise_seed=1, checkpoint=path)

@@ -283,3 +283,32 @@ def test_operator_argument_errors():
         data.images, data.coarse, data.coarse, torch.zeros(len(data), dtype=torch.bool), coarse_background=False)
     with pytest.raises(ValueError, match="empty retain set"):
         unlearn.finetune(make_model(), empty, steps=1)
+
+
+def test_certified_operators_refuse_training_on_forget_or_unknown_pixels():
+    from pyunlearn.data import SyntheticShortcuts
+    from pyunlearn.models import EncoderDecoder
+    from pyunlearn.unlearn import SegmentationUnlearningData, gradient_clipping, output_perturbation
+
+    ds = SyntheticShortcuts(8, image_size=16, fine_fraction=0.5, seed=0)
+    good = SegmentationUnlearningData.from_masks(ds.images, ds.coarse, ds.fine, ds.has_fine)
+    model = EncoderDecoder(width=4).freeze_encoder()
+    leaky = SegmentationUnlearningData(images=good.images, target=good.coarse.clone(), retain=good.retain,
+                                       forget=good.forget, coarse=good.coarse, has_fine=good.has_fine)
+    with pytest.raises(ValueError, match="forget pixel"):
+        gradient_clipping(model, leaky, steps=1, finetune_steps=0, noise_seed=0)
+    boxes = SegmentationUnlearningData(images=good.images, target=good.target, retain=torch.ones_like(good.retain),
+                                       forget=good.forget, coarse=good.coarse, has_fine=good.has_fine)
+    with pytest.raises(ValueError, match="inside the coarse mask"):
+        output_perturbation(model, boxes, finetune_steps=0, noise_seed=0)
+
+
+def test_certified_operators_refuse_modules_with_running_statistics():
+    from pyunlearn.data import SyntheticShortcuts
+    from pyunlearn.unlearn import SegmentationUnlearningData, model_clipping
+
+    ds = SyntheticShortcuts(8, image_size=16, fine_fraction=0.5, seed=0)
+    data = SegmentationUnlearningData.from_masks(ds.images, ds.coarse, ds.fine, ds.has_fine)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 1, 1))
+    with pytest.raises(ValueError, match="BatchNorm2d.*buffers"):
+        model_clipping(model, data, steps=1, finetune_steps=0, noise_seed=0)

@@ -23,10 +23,25 @@ def draw_secure_seed() -> int:
     """A 63-bit seed from the operating system's entropy, the same on every rank of a DDP job."""
     seed = secrets.randbits(63)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        holder = torch.tensor([seed], dtype=torch.int64)
-        torch.distributed.broadcast(holder, src=0)
-        seed = int(holder.item())
+        holder = [seed]  # an object broadcast works on every backend (NCCL included)
+        torch.distributed.broadcast_object_list(holder, src=0)
+        seed = int(holder[0])
     return seed
+
+
+#: NOTE: the fused kernels clip in float32; measured clipped norms reach C (1 + 1.5e-7). The accounting
+#: therefore uses every clip bound inflated by this factor.
+CLIP_SLACK = 1.0 + 1e-6
+
+
+def float32_up(x: float) -> float:
+    """The smallest float32 value >= x: the noise scale the float32 kernels then use exactly."""
+    import numpy as np
+
+    y = np.float32(x)
+    if float(y) < x:
+        y = np.nextafter(y, np.float32(np.inf))
+    return float(y)
 
 
 @torch.no_grad()
@@ -79,6 +94,8 @@ class CertifiedOptimizer(torch.optim.Optimizer):
                                 "float64 parameters (keep them float32 and use torch.autocast for mixed precision)")
             if p.is_sparse:
                 raise TypeError(f"parameter {self._name(i)} is sparse; certified optimizers need dense tensors")
+        if len({id(p) for p in group["params"]}) != len(group["params"]):
+            raise ValueError(f"{type(self).__name__} got the same parameter more than once")
         self.delta = probability(delta, "delta")
         self.steps = count(steps, "steps")
         if secure_rng and seed is not None:
@@ -113,6 +130,13 @@ class CertifiedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} cannot take new parameters after construction: "
                                "the certificate covers a fixed parameter set")
         super().add_param_group(param_group)
+
+    def _start(self) -> None:
+        """After the initial projection/perturbation: drop gradients computed before it (every gradient
+        must be taken at the projected model) and record the parameters."""
+        for p in self.params:
+            p.grad = None
+        self._seal()
 
     def _seal(self) -> None:
         """Record the parameters as this optimizer left them."""
@@ -194,6 +218,7 @@ class CertifiedOptimizer(torch.optim.Optimizer):
             "every gradient was computed on retain data only (no forget pixels)",
             f"all {self.steps} planned steps were taken by this optimizer and nothing else changed the parameters",
             "any later training uses retain data only (post-processing)",
+            "only the final parameters are released (not intermediate models, losses or gradient norms)",
             noise,
         ]
 
@@ -220,7 +245,8 @@ class CertifiedOptimizer(torch.optim.Optimizer):
             "step_count": self.step_count,
             "steps": self.steps,
             "delta": self.delta,
-            "seed": self.seed,
+            # A secret seed never leaves the process: with it the noise could be regenerated.
+            "seed": self.seed if self.seeded else None,
             "seeded": self.seeded,
             "fingerprint": list(self._fingerprint),
         }
@@ -244,6 +270,8 @@ class CertifiedOptimizer(torch.optim.Optimizer):
         plain = {k: v for k, v in state_dict.items() if k != _GLOBAL_KEY}
         super().load_state_dict(plain)
         self.step_count = int(saved["step_count"])
-        self.seed = int(saved["seed"])
         self.seeded = bool(saved["seeded"])
+        # A resumed run with secret noise continues with a fresh secret seed: the remaining steps get
+        # independent noise, which the analysis allows (the earlier noise is already in the parameters).
+        self.seed = int(saved["seed"]) if self.seeded else draw_secure_seed()
         self._fingerprint = list(saved["fingerprint"])

@@ -105,8 +105,9 @@ class DPSGD(torch.optim.Optimizer):
     treated as a zero clipped sum (it still receives noise and weight decay). A NaN/Inf gradient
     raises ``ValueError`` naming the parameter before anything changes.
 
-    ``state_dict()`` holds the step counter, the accountant history and the noise seed: anyone with
-    the seed and the checkpoint can regenerate the noise, so keep it as confidential as the data.
+    ``state_dict()`` holds the step counter and the accountant history, and the noise seed only when
+    it was given (reproducible noise); a secret seed is never written, and a resumed run continues
+    with fresh secret noise.
     """
 
     def __init__(self, params: Iterable, *, lr: float, max_grad_norm: float, expected_batch_size: float,
@@ -290,17 +291,25 @@ class DPSGD(torch.optim.Optimizer):
         accountant.history = [tuple(h) for h in self._history]
         return float(accountant.get_epsilon(delta=delta, alphas=RDP_ORDERS))
 
-    def group_epsilon(self, k: int, delta: Optional[float] = None) -> tuple[float, float]:
-        """(ε_k, δ_k) for deleting (or changing) ``k`` samples: ``(k·ε, k·e^{(k−1)ε}·δ)`` with ε =
-        :meth:`epsilon` at ``delta`` (group privacy, Vadhan 2017, Lemma 2.2); δ_k is capped at 1."""
+    def group_epsilon(self, k: int, delta: Optional[float] = None, *,
+                      substitution: bool = False) -> tuple[float, float]:
+        """(ε_k, δ_k) for deleting (adding) ``k`` samples: ``(k·ε, k·e^{(k−1)ε}·δ)`` with ε =
+        :meth:`epsilon` at ``delta`` (group privacy, Vadhan 2017, Lemma 2.2); δ_k is capped at 1.
+
+        The accountant's neighbours differ by one added or removed sample, so *changing* a sample (a
+        coarse mask refined to a fine one) is a removal plus an addition: ``substitution=True`` uses a
+        group of ``2k``."""
         delta = self._delta(delta)
-        return group_privacy(self.epsilon(delta), delta, k)
+        k = count(k, "k")
+        return group_privacy(self.epsilon(delta), delta, 2 * k if substitution else k)
 
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state[_KEY] = dict(
-            steps_taken=self.steps_taken, seed=self.seed, reproducible=self.reproducible,
+            # A secret seed never leaves the process: with it the noise could be regenerated.
+            steps_taken=self.steps_taken, seed=self.seed if self.reproducible else None,
+            reproducible=self.reproducible,
             secure_rng=self.secure_rng, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
             expected_batch_size=self.expected_batch_size, sample_rate=self.sample_rate, delta=self.delta,
             history=[list(h) for h in self._history], target=dict(self.target) if self.target else None)
@@ -312,8 +321,9 @@ class DPSGD(torch.optim.Optimizer):
         saved = state_dict[_KEY]
         super().load_state_dict({k: v for k, v in state_dict.items() if k != _KEY})
         self.steps_taken = int(saved["steps_taken"])
-        self.seed = int(saved["seed"])
         self.reproducible = bool(saved["reproducible"])
+        # Secret noise continues from a fresh secret seed (independent noise for the remaining steps).
+        self.seed = int(saved["seed"]) if self.reproducible else draw_secure_seed()
         self.secure_rng = bool(saved["secure_rng"])
         self.noise_multiplier = float(saved["noise_multiplier"])
         self.max_grad_norm = float(saved["max_grad_norm"])

@@ -7,7 +7,7 @@ import torch
 
 from .. import certify, ops
 from .._validation import positive
-from ._certified import CertifiedOptimizer, project_
+from ._certified import CLIP_SLACK, CertifiedOptimizer, float32_up, project_
 from .. import _validation
 
 
@@ -42,16 +42,17 @@ class GradientClipping(CertifiedOptimizer):
         _validation.probability(delta, "delta")
         if (sigma is None) == (epsilon is None):
             raise ValueError("pass exactly one of sigma= (noise level) or epsilon= (to calibrate sigma)")
-        accounting = dict(steps=steps, lr=lr, c0=c0, c1=c1, weight_decay=weight_decay)
+        accounting = dict(steps=steps, lr=lr, c0=c0 * CLIP_SLACK, c1=c1 * CLIP_SLACK, weight_decay=weight_decay)
         if sigma is None:
             epsilon = positive(epsilon, "epsilon")
             sigma = certify.sigma_gradient_clipping(epsilon=epsilon, delta=delta, **accounting)
         else:
             sigma = positive(sigma, "sigma", allow_zero=True)
+        sigma = float32_up(sigma)
         defaults = dict(lr=lr, c0=c0, c1=c1, weight_decay=weight_decay, sigma=sigma)
         super().__init__(params, defaults, delta=delta, steps=steps, seed=seed, secure_rng=secure_rng)
         project_(self.params, c0)
-        self._seal()
+        self._start()
 
     def _apply(self, grads: list[torch.Tensor]) -> None:
         h = self.hyper
@@ -64,4 +65,5 @@ class GradientClipping(CertifiedOptimizer):
         if h["sigma"] == 0:
             return float("inf")
         return certify.epsilon_gradient_clipping(sigma=h["sigma"], delta=self.delta, steps=self.steps, lr=h["lr"],
-                                                 c0=h["c0"], c1=h["c1"], weight_decay=h["weight_decay"])
+                                                 c0=h["c0"] * CLIP_SLACK, c1=h["c1"] * CLIP_SLACK,
+                                                 weight_decay=h["weight_decay"])

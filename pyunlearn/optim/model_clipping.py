@@ -8,7 +8,7 @@ import torch
 from .. import _validation, certify, ops
 from .._validation import positive
 from ..ops.rng import STREAM_INIT
-from ._certified import CertifiedOptimizer, project_
+from ._certified import CLIP_SLACK, CertifiedOptimizer, float32_up, project_
 
 
 def epsilon_model_clipping(*, delta: float, sigma: float, sigma0: float, steps: int, c0: float, c2: float,
@@ -59,7 +59,7 @@ class ModelClipping(CertifiedOptimizer):
                  secure_rng: Optional[bool] = None):
         lr = positive(lr, "lr")
         c2 = positive(c2, "c2")
-        sigma0 = positive(sigma0, "sigma0", allow_zero=True)
+        sigma0 = float32_up(positive(sigma0, "sigma0", allow_zero=True))
         c0 = c2 if c0 is None else positive(c0, "c0")
         weight_decay = positive(weight_decay, "weight_decay", allow_zero=True)
         if not lr * weight_decay < 1:
@@ -71,16 +71,17 @@ class ModelClipping(CertifiedOptimizer):
         if sigma is None:
             epsilon = positive(epsilon, "epsilon")
             sigma = certify.sigma_model_clipping(epsilon=epsilon, delta=delta, sigma0=sigma0, steps=steps,
-                                                 c0=c0, c2=c2)
+                                                 c0=c0 * CLIP_SLACK, c2=c2 * CLIP_SLACK)
         else:
             sigma = positive(sigma, "sigma", allow_zero=True)
+        sigma = float32_up(sigma)
         self.target_epsilon = epsilon
         defaults = dict(lr=lr, c0=c0, c2=c2, weight_decay=weight_decay, sigma=sigma, sigma0=sigma0)
         super().__init__(params, defaults, delta=delta, steps=steps, seed=seed, secure_rng=secure_rng)
         with torch.no_grad():
             project_(self.params, c0)
             ops.add_noise_(self.params, sigma=sigma0, seed=self.seed, step=0, stream=STREAM_INIT)
-        self._seal()
+        self._start()
 
     def _apply(self, grads: list[torch.Tensor]) -> None:
         h = self.hyper
@@ -91,4 +92,4 @@ class ModelClipping(CertifiedOptimizer):
     def epsilon(self) -> float:
         h = self.hyper
         return epsilon_model_clipping(delta=self.delta, sigma=h["sigma"], sigma0=h["sigma0"], steps=self.steps,
-                                      c0=h["c0"], c2=h["c2"], target=self.target_epsilon)
+                                      c0=h["c0"] * CLIP_SLACK, c2=h["c2"] * CLIP_SLACK, target=self.target_epsilon)

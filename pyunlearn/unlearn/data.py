@@ -74,6 +74,18 @@ class SegmentationUnlearningData:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def check_retain_only(self) -> None:
+        """Refuse a retain set holding pixels a certified operator must not train on: a known forget
+        pixel with a non-background label, or the inside of a coarse mask on an image without a fine one."""
+        forget_labelled = self.retain & self.forget & (self.target != 0)
+        if forget_labelled.any():
+            raise ValueError(f"the retain set holds {int(forget_labelled.sum())} forget pixel(s) with a foreground "
+                             "label; forget pixels may only be retained relabelled to background (0)")
+        coarse_inside = self.retain & ~self.has_fine[:, None, None] & self.coarse.bool()
+        if coarse_inside.any():
+            raise ValueError(f"the retain set holds {int(coarse_inside.sum())} pixel(s) inside the coarse mask of "
+                             "images without a fine mask: their labels are unknown and may be shortcut pixels")
+
     @property
     def relabelled_target(self) -> torch.Tensor:
         """Coarse labels with the known forget pixels relabelled to background (fine labels where known)."""

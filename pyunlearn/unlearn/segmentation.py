@@ -54,6 +54,18 @@ class _Inputs:
         return self.model(self.images[index])
 
 
+def _check_certifiable(model: nn.Module, data: SegmentationUnlearningData) -> None:
+    """What a certificate needs beyond the optimizer: retain-only data, and no state in the certified
+    modules (e.g. BatchNorm running statistics) that the operator neither clips nor perturbs."""
+    data.check_retain_only()
+    for name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)) and any(
+                b.is_floating_point() for b in module.buffers(recurse=False)):
+            raise ValueError(f"module {name or type(module).__name__!r} ({type(module).__name__}) has trainable "
+                             "parameters and floating-point buffers (e.g. running statistics), which a certificate "
+                             "cannot cover; use GroupNorm/LayerNorm or freeze the module")
+
+
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
@@ -333,6 +345,7 @@ def _certified_run(model, data, optimizer_cls, optimizer_kwargs, *, method, step
     (post-processing: the guarantee is unchanged). Resumable in either phase."""
     count(finetune_steps, "finetune_steps", minimum=0)  # before the noisy phase, not after it
     t0 = time.perf_counter()
+    _check_certifiable(model, data)
     named = _trainable(model)
     ck = _checkpoints(checkpoint, checkpoint_every, method=method, model=model, data=data,
                       hyper=dict(optimizer_kwargs, steps=steps, batch_size=batch_size, seed=seed,
@@ -409,6 +422,7 @@ def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, e
     :func:`~pyunlearn.certify.sigma_output_perturbation`, then noise-free fine-tuning on retain data."""
     t0 = time.perf_counter()
     model = _start(model, inplace)
+    _check_certifiable(model, data)
     named = _trainable(model)
     params = [p for _, p in named]
     sigma0 = certify.sigma_output_perturbation(epsilon=epsilon, delta=delta, c0=c0)
