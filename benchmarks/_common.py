@@ -28,6 +28,21 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def forced(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` wrapped to run with ``PYUNLEARN_BACKEND=backend`` (the previous value restored)."""
+    def run():
+        old = os.environ.get("PYUNLEARN_BACKEND")
+        os.environ["PYUNLEARN_BACKEND"] = backend
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("PYUNLEARN_BACKEND")
+            else:
+                os.environ["PYUNLEARN_BACKEND"] = old
+    return run
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

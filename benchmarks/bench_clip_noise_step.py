@@ -20,7 +20,6 @@ GB/s, and the speed-up over the reference. Results: ``benchmarks/results/bench_c
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -107,20 +106,6 @@ def op_kwargs(op: str, step: int) -> dict:
                 weight_decay=WD, seed=SEED, step=step)
 
 
-def forced(backend: str, fn):
-    def run():
-        old = os.environ.get("PYUNLEARN_BACKEND")
-        os.environ["PYUNLEARN_BACKEND"] = backend
-        try:
-            return fn()
-        finally:
-            if old is None:
-                os.environ.pop("PYUNLEARN_BACKEND")
-            else:
-                os.environ["PYUNLEARN_BACKEND"] = old
-    return run
-
-
 def main() -> None:
     args = _common.parser(__doc__.splitlines()[1]).parse_args()
     if args.threads:
@@ -147,9 +132,9 @@ def main() -> None:
         ref_ps = copies.setdefault("reference", [p.clone() for p in base])
         providers["reference"] = lambda: getattr(ref, op)(ref_ps, grads, **op_kwargs(op, 0))
         if device.type == "cpu" and live["cpp"]:
-            providers["cpp"] = forced("cpp", public("cpp"))
+            providers["cpp"] = _common.forced("cpp", public("cpp"))
         if device.type == "cuda" and live["triton"]:
-            providers["triton"] = forced("triton", public("triton"))
+            providers["triton"] = _common.forced("triton", public("triton"))
         torch_ps = [p.clone() for p in base]
         for name, fn in torch_providers(op, torch_ps, grads).items():
             providers[name] = fn

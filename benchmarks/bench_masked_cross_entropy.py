@@ -17,7 +17,6 @@ speed-up over the reference. Results: ``benchmarks/results/bench_masked_cross_en
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -67,20 +66,6 @@ def torch_autograd(logits, target, mask):
     return x.grad
 
 
-def forced(backend: str, fn):
-    def run():
-        old = os.environ.get("PYUNLEARN_BACKEND")
-        os.environ["PYUNLEARN_BACKEND"] = backend
-        try:
-            return fn()
-        finally:
-            if old is None:
-                os.environ.pop("PYUNLEARN_BACKEND")
-            else:
-                os.environ["PYUNLEARN_BACKEND"] = old
-    return run
-
-
 def main() -> None:
     args = _common.parser(__doc__.splitlines()[1]).parse_args()
     if args.threads:
@@ -94,9 +79,9 @@ def main() -> None:
         providers = {"reference": lambda: ref.masked_cross_entropy_fwd_bwd(logits, target, mask)}
         public = lambda: ops.masked_cross_entropy_fwd_bwd(logits, target, mask)  # noqa: E731
         if device.type == "cpu" and live["cpp"]:
-            providers["cpp"] = forced("cpp", public)
+            providers["cpp"] = _common.forced("cpp", public)
         if device.type == "cuda" and live["triton"]:
-            providers["triton"] = forced("triton", public)
+            providers["triton"] = _common.forced("triton", public)
         providers["torch_autograd"] = lambda: torch_autograd(logits, target, mask)
         times = _common.time_interleaved(providers, device=device, repeats=repeats)
         ref_median = _common.summarize(times["reference"])["median_ms"]
