@@ -119,7 +119,8 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def _tag(device: torch.device) -> str:
+def tag(device: torch.device) -> str:
+    """File-name tag of a device: 'cpu' or the GPU model."""
     if device.type == "cpu":
         return "cpu"
     return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-").lower()
@@ -130,8 +131,8 @@ def write_results(name: str, device: torch.device, rows: list[dict], meta: dict,
     """``benchmarks/results/<name>-<device>-<date>.json`` (meta + rows) and ``.csv`` (rows); the device
     tag gets ``-<n>t`` when the thread count was set explicitly (``--threads``)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = _tag(device) + (f"-{threads}t" if threads else "")
-    stem = f"{name}-{tag}-{dt.date.today().isoformat()}"
+    label = tag(device) + (f"-{threads}t" if threads else "")
+    stem = f"{name}-{label}-{dt.date.today().isoformat()}"
     json_path, csv_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.csv"
     json_path.write_text(json.dumps({"benchmark": name, **meta, "results": rows}, indent=2) + "\n")
     fields: list[str] = []

@@ -33,7 +33,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import re
 import resource
 import statistics
 import sys
@@ -196,19 +195,10 @@ def device_info(device: str) -> tuple[str, str]:
     """(human-readable device name, file-name tag)."""
     import torch
 
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(device))
-        return name, "cuda-" + re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} logical cores)", "cpu"
+    import _common
+
+    dev = torch.device(device)
+    return _common.device_name(dev), _common.tag(dev)
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
