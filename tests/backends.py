@@ -1,10 +1,17 @@
-"""Shared by the op tests: which backends are live here, forcing one, Hypothesis budget per backend."""
+"""Shared by the op tests: which backends are live here, the device each runs on, forcing one, and the
+Hypothesis budget per backend.
+
+The tests build their inputs on the CPU; ``to_backend`` moves them to the backend's device (CUDA for
+the ``cuda`` backend, and for ``triton`` outside the interpreter), so the same tests cover the GPU
+kernels when a GPU is present (``make test TRITON_INTERPRET=0`` on a CUDA machine).
+"""
 from __future__ import annotations
 
 import importlib
 import os
 from contextlib import contextmanager
 
+import torch
 from hypothesis import Phase, settings
 
 import pyunlearn.ops as ops
@@ -17,9 +24,25 @@ def _triton_ready() -> bool:
         return False
 
 
-#: The backends that run on CPU tensors here (Triton only under TRITON_INTERPRET=1).
-BACKENDS = ["reference"] + (["cpp"] if ops.backends()["cpp"] else []) + (
-    ["triton"] if _triton_ready() and ops.backends()["triton_interpreter"] else [])
+#: The live backends: Triton on CPU tensors under TRITON_INTERPRET=1, on CUDA tensors otherwise.
+BACKENDS = ["reference"] + (["cpp"] if ops.backends()["cpp"] else []) + (["triton"] if _triton_ready() else []) + (
+    ["cuda"] if ops.backends()["cuda"] else [])
+
+
+def device_of(backend: str | None) -> torch.device:
+    """The device whose tensors ``backend`` runs on."""
+    if backend == "cuda" or (backend == "triton" and not ops.backends()["triton_interpreter"]):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def to_backend(backend: str | None, value):
+    """``value`` (a tensor, None, or a list/tuple of them) on the device of ``backend``."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_backend(backend, v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.to(device_of(backend))
+    return value
 
 
 @contextmanager

@@ -3,7 +3,12 @@ torch.library registration (opcheck, autograd, torch.compile) and the backend di
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pyunlearn.ops as ops
-from backends import BACKENDS, examples, forced
+from backends import BACKENDS, device_of, examples, forced, to_backend
 from pyunlearn.ops import _extension, _registry
 from pyunlearn.ops import reference as ref
 
@@ -39,8 +44,10 @@ def _make(seed: int, b: int, k: int, n: int, *, mask: str, weighted: bool, layou
 
 
 def _call(backend: str, *args):
+    """The op on ``backend``'s device; results back on the CPU."""
     with forced(backend):
-        return ops.masked_cross_entropy_fwd_bwd(*args)
+        loss, grad = ops.masked_cross_entropy_fwd_bwd(*to_backend(backend, args))
+    return loss.cpu(), grad.cpu()
 
 
 # ------------------------------------------------------------------------------------------ float32
@@ -83,8 +90,9 @@ def test_outputs_do_not_show_stale_memory(backend):
     # blocks back), so elements a kernel forgot to write would show up as NaN.
     b, k, n = 2, 3, 257
     logits, target, m, weight = _make(5, b, k, n, mask="random", weighted=True, layout="contiguous")
+    device = device_of(backend)
     for _ in range(3):
-        torch.full((b, k, n), float("nan")), torch.full((b,), float("nan"))
+        torch.full((b, k, n), float("nan"), device=device), torch.full((b,), float("nan"), device=device)
         loss, grad = _call(backend, logits, target, m, weight)
         assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
         ref_loss, ref_grad = ref.masked_cross_entropy_fwd_bwd(logits, target, m, weight)
@@ -195,10 +203,11 @@ def test_validation_errors(bad, error):
 def test_autograd_matches_autograd_through_the_reference(backend):
     logits, target, m, weight = _make(4, 2, 3, 77, mask="random", weighted=True, layout="contiguous")
     v = torch.tensor([0.7, -1.3])
-    x = logits.clone().requires_grad_(True)
+    x = to_backend(backend, logits).clone().requires_grad_(True)
     with forced(backend):
-        loss = ops.masked_cross_entropy(x, target, m, weight)
-    (got,) = torch.autograd.grad(loss, x, v)
+        loss = ops.masked_cross_entropy(x, *to_backend(backend, (target, m, weight)))
+    (got,) = torch.autograd.grad(loss, x, to_backend(backend, v))
+    got = got.cpu()
     x_ref = logits.clone().double().requires_grad_(True)
     logp = torch.log_softmax(x_ref, dim=1)
     pixel = -logp.gather(1, target[:, None])[:, 0]
@@ -207,7 +216,7 @@ def test_autograd_matches_autograd_through_the_reference(backend):
     torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-7)
 
 
-def _opcheck_samples():
+def _opcheck_samples(backend: str):
     g = torch.Generator().manual_seed(0)
     samples = []
     for k, weighted, dtype in [(3, True, torch.float32), (1, False, torch.float32), (2, False, torch.float64)]:
@@ -215,6 +224,7 @@ def _opcheck_samples():
         target = torch.randint(0, max(k, 2), (2, 11), generator=g)
         mask = torch.rand(2, 11, generator=g) < 0.5
         weight = torch.randn(2, generator=g, dtype=dtype) if weighted else None
+        logits, target, mask, weight = to_backend(backend, (logits, target, mask, weight))
         samples.append((logits, target, mask, weight))
         samples.append((logits.clone().requires_grad_(True), target, mask, weight))
     return samples
@@ -223,7 +233,7 @@ def _opcheck_samples():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     with forced(backend):
-        for args in _opcheck_samples():
+        for args in _opcheck_samples(backend):
             torch.library.opcheck(ops.masked_cross_entropy_op, args)
 
 
@@ -253,6 +263,29 @@ def test_torch_compile_traces_the_op(compile_backend):
     if compile_backend == "recording":  # the op is in the captured graph (no graph break around it)
         assert any("pyunlearn.masked_cross_entropy" in target for target in traced), traced
         assert any("tanh" in target for target in traced), traced
+
+
+def _traced_graph(backend: str) -> str:
+    """The functionalized graph of the op on (fake) CUDA tensors, traced in a fresh interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYUNLEARN_BACKEND"] = backend
+    script = Path(__file__).parent / "scripts" / "trace_masked_ce_graph.py"
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_compiler_sees_the_triton_kernels_when_triton_runs_the_op():
+    # With Triton selected for CUDA tensors, AOTAutograd (torch.compile) replaces the op by the Triton
+    # kernels themselves (torch.library.triton_op + wrap_triton); with another backend it stays one
+    # opaque op.
+    graph = _traced_graph("triton")
+    assert graph.count("triton_kernel_wrapper_functional(") == 2, graph
+    assert "torch.ops.pyunlearn.masked_cross_entropy.default" not in graph, graph
+    graph = _traced_graph("reference")
+    assert "torch.ops.pyunlearn.masked_cross_entropy.default" in graph, graph
+    assert "triton_kernel_wrapper" not in graph, graph
 
 
 # ------------------------------------------------------------------------------------ dispatch

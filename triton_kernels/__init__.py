@@ -21,12 +21,14 @@ __all__ = [
     "interpreting",
     "is_available",
     "masked_cross_entropy_fwd_bwd",
+    "masked_cross_entropy_op",
     "model_clipping_step_",
     "unavailable_reason",
 ]
 
 _LAZY = {
     "masked_cross_entropy_fwd_bwd": "masked_cross_entropy",
+    "masked_cross_entropy_op": "masked_cross_entropy",
     "gradient_clipping_step_": "clip_noise_step",
     "model_clipping_step_": "clip_noise_step",
     "dpsgd_step_": "clip_noise_step",

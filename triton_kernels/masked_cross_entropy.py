@@ -13,6 +13,11 @@ Computes exactly ``pyunlearn.ops.reference.masked_cross_entropy_fwd_bwd`` (up to
 
 No atomics: results are bit-for-bit deterministic for a given launch configuration. Accumulation is
 float32 (float64 for float64 logits); the gradient has the dtype of the logits.
+
+The launcher is registered as ``pyunlearn::masked_cross_entropy_triton`` with
+``torch.library.triton_op`` and launches through ``wrap_triton``, so ``torch.compile`` traces it down
+to the two kernels (``pyunlearn::masked_cross_entropy`` is decomposed into it when the Triton backend
+is the one selected; see ``pyunlearn.ops._registry``). Eager calls launch the kernels directly.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from . import _check_launch_device
 
@@ -183,7 +189,29 @@ def masked_cross_entropy_fwd_bwd(
     (K == 1: sigmoid BCE), target (B, N) integer, mask (B, N) bool, weight (B,) or None. Strided
     inputs are read in place (no copies); the gradient is contiguous.
     """
+    _validate(logits, target, mask, weight)
+    return masked_cross_entropy_op(logits, target, mask, weight)
+
+
+@triton_op("pyunlearn::masked_cross_entropy_triton", mutates_args=())
+def masked_cross_entropy_op(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                            weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launcher as a torch.library op (traceable by ``torch.compile`` down to the kernels)."""
     return _masked_cross_entropy_fwd_bwd(logits, target, mask, weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss: torch.Tensor, grad_grad: Optional[torch.Tensor]):
+    # As pyunlearn::masked_cross_entropy: the gradient output is a constant; weight gets no gradient.
+    (grad_logits,) = ctx.saved_tensors
+    d_logits = (grad_loss[:, None, None] * grad_logits).to(grad_logits.dtype) if ctx.needs_input_grad[0] else None
+    return d_logits, None, None, None
+
+
+masked_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _masked_cross_entropy_fwd_bwd(
@@ -236,7 +264,7 @@ def _masked_cross_entropy_fwd_bwd(
     target_in = target.view(torch.uint8) if target.dtype == torch.bool else target
     w = weight if weight is not None else count  # dummy pointer when there is no weight
     num_warps = 4 if block_k * block_n <= 2048 else 8
-    _masked_cross_entropy_kernel[(B * n_blocks,)](
+    wrap_triton(_masked_cross_entropy_kernel)[(B * n_blocks,)](
         logits, target_in, mask_u8, count, w, grad, partial,
         K, N, n_blocks,
         logits.stride(0), logits.stride(1), logits.stride(2),
@@ -249,5 +277,5 @@ def _masked_cross_entropy_fwd_bwd(
         BLOCK_K=block_k, BLOCK_N=block_n, num_warps=num_warps,
     )
     rblock = max(16, min(_MAX_RBLOCK, triton.next_power_of_2(n_blocks)))
-    _masked_cross_entropy_loss_kernel[(B,)](partial, loss, n_blocks, RBLOCK=rblock, num_warps=4)
+    wrap_triton(_masked_cross_entropy_loss_kernel)[(B,)](partial, loss, n_blocks, RBLOCK=rblock, num_warps=4)
     return loss, grad

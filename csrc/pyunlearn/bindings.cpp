@@ -10,6 +10,10 @@
 #include "kernels.h"
 #include "philox.h"
 
+#ifdef PYUNLEARN_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
+
 namespace pyunlearn {
 namespace {
 
@@ -222,6 +226,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("global_norm", &global_norm, py::arg("tensors"), py::call_guard<py::gil_scoped_release>());
   m.def("gaussian_noise", &gaussian_noise, py::arg("numel"), py::arg("seed"), py::arg("step"), py::arg("offset"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+#ifdef PYUNLEARN_WITH_CUDA
+  // CUDA kernels (csrc/pyunlearn/cuda/): same arguments and contracts, CUDA tensors.
+  m.def("cuda_masked_cross_entropy_fwd_bwd", &cuda::masked_cross_entropy_fwd_bwd, py::arg("logits"),
+        py::arg("target"), py::arg("mask"), py::arg("weight") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("cuda_gradient_clipping_step_", &cuda::gradient_clipping_step, py::arg("params"), py::arg("grads"),
+        py::arg("lr"), py::arg("max_grad_norm"), py::arg("weight_decay"), py::arg("sigma"), py::arg("seed"),
+        py::arg("step"), py::call_guard<py::gil_scoped_release>());
+  m.def("cuda_model_clipping_step_", &cuda::model_clipping_step, py::arg("params"), py::arg("grads"), py::arg("lr"),
+        py::arg("max_model_norm"), py::arg("weight_decay"), py::arg("sigma"), py::arg("seed"), py::arg("step"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("cuda_dpsgd_step_", &cuda::dpsgd_step, py::arg("params"), py::arg("grads"), py::arg("lr"),
+        py::arg("noise_std"), py::arg("expected_batch_size"), py::arg("weight_decay"), py::arg("seed"),
+        py::arg("step"), py::call_guard<py::gil_scoped_release>());
+  m.def("cuda_add_noise_", &cuda::add_noise, py::arg("params"), py::arg("sigma"), py::arg("seed"), py::arg("step"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("cuda_global_norm", &cuda::global_norm, py::arg("tensors"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "cuda_gaussian_noise",
+      [](int64_t numel, int64_t seed, int64_t step, int64_t offset, int64_t stream, int64_t device_index) {
+        return cuda::gaussian_noise(numel, seed, step, offset, stream,
+                                    at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device_index)));
+      },
+      py::arg("numel"), py::arg("seed"), py::arg("step"), py::arg("offset"), py::arg("stream"),
+      py::arg("device_index"), py::call_guard<py::gil_scoped_release>());
+#endif
   m.def("philox", &philox, py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"), py::arg("k0"), py::arg("k1"),
         "Philox4x32-10 of one counter (test entry point).");
 }

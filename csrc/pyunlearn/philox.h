@@ -8,6 +8,13 @@
 
 #include <cstdint>
 
+// Shared with the CUDA kernels (csrc/pyunlearn/cuda/), which call the same functions on the device.
+#if defined(__CUDACC__)
+#define PYUNLEARN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define PYUNLEARN_HOST_DEVICE inline
+#endif
+
 namespace pyunlearn {
 
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
@@ -17,9 +24,9 @@ constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 
 // Ten rounds in place on c[0..3] with key (k0, k1). Written with plain 64-bit products so that the
 // compiler vectorises loops calling it (widening 32x32 multiplies).
-inline void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
+PYUNLEARN_HOST_DEVICE void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
                           uint32_t k1) {
-#if defined(__clang__)
+#if defined(__clang__) || defined(__CUDACC__)
 #pragma unroll
 #elif defined(__GNUC__)
 #pragma GCC unroll 10
@@ -45,7 +52,7 @@ struct NoiseKey {
   uint32_t k0, k1, step, stream;
 };
 
-inline NoiseKey make_noise_key(uint64_t seed, uint64_t step, uint32_t stream) {
+PYUNLEARN_HOST_DEVICE NoiseKey make_noise_key(uint64_t seed, uint64_t step, uint32_t stream) {
   return NoiseKey{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
                   static_cast<uint32_t>(step), stream};
 }

@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from . import reference as _ref
 from ._extension import load as _load_extension
@@ -156,13 +157,18 @@ def _acc_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _mce_compiled(module: ModuleType, logits: Tensor, target: Tensor, mask: Tensor,
+def _compiled(backend: str, name: str) -> Callable:
+    """The compiled kernel ``name`` of ``backend`` (``cpp``: ``name``, ``cuda``: ``cuda_<name>``)."""
+    return getattr(_cpp(), name if backend == "cpp" else f"cuda_{name}")
+
+
+def _mce_compiled(backend: str, logits: Tensor, target: Tensor, mask: Tensor,
                   weight: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     if target.dtype not in _CPP_TARGET_DTYPES:
         target = target.long()
     if weight is not None:
         weight = weight.to(_acc_dtype(logits)).contiguous()
-    return module.masked_cross_entropy_fwd_bwd(logits, target.contiguous(), mask.contiguous(), weight)
+    return _compiled(backend, "masked_cross_entropy_fwd_bwd")(logits, target.contiguous(), mask.contiguous(), weight)
 
 
 def _mce_dispatch(logits: Tensor, target: Tensor, mask: Tensor, weight: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -171,8 +177,8 @@ def _mce_dispatch(logits: Tensor, target: Tensor, mask: Tensor, weight: Optional
         loss, grad = _ref.masked_cross_entropy_fwd_bwd(logits, target, mask, weight)
     elif backend == "triton":
         loss, grad = _triton_fn("masked_cross_entropy_fwd_bwd")(logits, target, mask, weight)
-    else:  # cpp or cuda: the compiled module dispatches on the device itself
-        loss, grad = _mce_compiled(_cpp(), logits, target, mask, weight)
+    else:
+        loss, grad = _mce_compiled(backend, logits, target, mask, weight)
     # The op's contract (and its fake kernel): fresh, contiguous outputs.
     return loss.contiguous(), grad.contiguous()
 
@@ -212,11 +218,26 @@ def _mce_backward(ctx, grad_loss: Tensor, grad_grad: Optional[Tensor]):
 masked_cross_entropy_op.register_autograd(_mce_backward, setup_context=_mce_setup_context)
 
 
+def _mce_functional(mode, op, types, args, kwargs):
+    """Under functionalization (AOTAutograd, i.e. ``torch.compile``), replace the op by the Triton
+    ``triton_op`` when Triton is the backend selected for CUDA tensors, so that the compiler sees the
+    Triton kernels themselves; otherwise keep the op as it is (an opaque call)."""
+    logits = args[0]
+    if logits.device.type == "cuda" and select_backend("masked_cross_entropy", logits.device) == "triton":
+        triton_op = _triton_fn("masked_cross_entropy_op")
+        with mode:
+            return triton_op(*args, **kwargs)
+    return mode.__torch_dispatch__(op, types, args, kwargs)
+
+
+masked_cross_entropy_op.register_torch_dispatch(FunctionalTensorMode, _mce_functional)
+
+
 # --------------------------------------------------------------------------------------------------
 # Op 2: multi-tensor clip + noise + update
 # --------------------------------------------------------------------------------------------------
-def _fp32_cpu(tensors: Sequence[Tensor]) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+def _fp32(tensors: Sequence[Tensor]) -> bool:
+    return all(t.dtype == torch.float32 for t in tensors)
 
 
 def _run_inplace(params: list[Tensor], fn: Callable[[list[Tensor]], object]) -> object:
@@ -229,15 +250,15 @@ def _run_inplace(params: list[Tensor], fn: Callable[[list[Tensor]], object]) -> 
     return result
 
 
-def _grads_for_cpp(grads: Sequence[Tensor]) -> list[Tensor]:
-    return [g.contiguous() for g in grads]
+def _contiguous(tensors: Sequence[Tensor]) -> list[Tensor]:
+    return [t.contiguous() for t in tensors]
 
 
 def _step_backend(op: str, params: Sequence[Tensor], grads: Sequence[Tensor]) -> str:
     device = params[0].device if params else torch.device("cpu")
     backend = select_backend(op, device)
-    if backend == "cpp" and not (_fp32_cpu(params) and _fp32_cpu(grads)):
-        return "reference"  # the C++ step kernels are float32-only
+    if backend in ("cpp", "cuda") and not (_fp32(params) and _fp32(grads)):
+        return "reference"  # the compiled step kernels are float32-only
     if backend == "triton" and not all(p.dtype == torch.float32 for p in params):
         return "reference"  # the Triton step kernels update float32 parameters only
     return backend
@@ -251,9 +272,8 @@ def _gradient_clipping_dispatch(params: list[Tensor], grads: list[Tensor], lr: f
         return _ref.gradient_clipping_step_(params, grads, **kw)
     if backend == "triton":
         return _triton_fn("gradient_clipping_step_")(params, grads, **kw)
-    module, gs = _cpp(), _grads_for_cpp(grads)
-    return _run_inplace(params, lambda ps: module.gradient_clipping_step_(ps, gs, lr, max_grad_norm, weight_decay,
-                                                                          sigma, seed, step))
+    kernel, gs = _compiled(backend, "gradient_clipping_step_"), _contiguous(grads)
+    return _run_inplace(params, lambda ps: kernel(ps, gs, lr, max_grad_norm, weight_decay, sigma, seed, step))
 
 
 def _model_clipping_dispatch(params: list[Tensor], grads: list[Tensor], lr: float, max_model_norm: float,
@@ -264,9 +284,8 @@ def _model_clipping_dispatch(params: list[Tensor], grads: list[Tensor], lr: floa
         return _ref.model_clipping_step_(params, grads, **kw)
     if backend == "triton":
         return _triton_fn("model_clipping_step_")(params, grads, **kw)
-    module, gs = _cpp(), _grads_for_cpp(grads)
-    return _run_inplace(params, lambda ps: module.model_clipping_step_(ps, gs, lr, max_model_norm, weight_decay,
-                                                                       sigma, seed, step))
+    kernel, gs = _compiled(backend, "model_clipping_step_"), _contiguous(grads)
+    return _run_inplace(params, lambda ps: kernel(ps, gs, lr, max_model_norm, weight_decay, sigma, seed, step))
 
 
 def _dpsgd_dispatch(params: list[Tensor], summed_clipped_grads: list[Tensor], lr: float, noise_multiplier: float,
@@ -280,18 +299,17 @@ def _dpsgd_dispatch(params: list[Tensor], summed_clipped_grads: list[Tensor], lr
     elif backend == "triton":
         _triton_fn("dpsgd_step_")(params, summed_clipped_grads, **kw)
     else:
-        module, gs = _cpp(), _grads_for_cpp(summed_clipped_grads)
+        kernel, gs = _compiled(backend, "dpsgd_step_"), _contiguous(summed_clipped_grads)
         std = noise_multiplier * max_grad_norm  # in double, as the reference
-        _run_inplace(params, lambda ps: module.dpsgd_step_(ps, gs, lr, std, expected_batch_size, weight_decay,
-                                                           seed, step))
+        _run_inplace(params, lambda ps: kernel(ps, gs, lr, std, expected_batch_size, weight_decay, seed, step))
 
 
 def _add_noise_dispatch(params: list[Tensor], sigma: float, seed: int, step: int, stream: int) -> None:
     device = params[0].device if params else torch.device("cpu")
     backend = select_backend("add_noise_", device, has_triton=False)
-    if backend == "cpp" and _fp32_cpu(params):
-        module = _cpp()
-        _run_inplace(params, lambda ps: module.add_noise_(ps, sigma, seed, step, stream))
+    if backend in ("cpp", "cuda") and _fp32(params):
+        kernel = _compiled(backend, "add_noise_")
+        _run_inplace(params, lambda ps: kernel(ps, sigma, seed, step, stream))
     else:
         _ref.add_noise_(params, sigma=sigma, seed=seed, step=step, stream=stream)
 
@@ -365,22 +383,29 @@ add_noise_op = _register_step("add_noise_", _add_noise_reference, _add_noise_dis
 # --------------------------------------------------------------------------------------------------
 def gaussian_noise(numel: int, *, seed: int, step: int, offset: int = 0, stream: int = STREAM_UPDATE,
                    device: torch.device | str = "cpu") -> Tensor:
-    """Counter-based standard normal float32 noise (``pyunlearn.ops.rng.gaussian_noise``), C++ on CPU."""
+    """Counter-based standard normal float32 noise (``pyunlearn.ops.rng.gaussian_noise``), compiled where
+    the extension is live (C++ on CPU, CUDA on GPU), else the reference."""
     from .rng import _check_seed, gaussian_noise as reference_noise
 
     _check_seed(seed, step, stream)
     device = torch.device(device)
     if numel < 0 or offset < 0:
         raise ValueError(f"gaussian_noise: numel and offset must be >= 0, got numel={numel}, offset={offset}")
-    if select_backend("gaussian_noise", device, has_triton=False) == "cpp":
+    backend = select_backend("gaussian_noise", device, has_triton=False)
+    if backend == "cpp":
         return _cpp().gaussian_noise(int(numel), int(seed), int(step), int(offset), int(stream))
+    if backend == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cpp().cuda_gaussian_noise(int(numel), int(seed), int(step), int(offset), int(stream), index)
     return reference_noise(numel, seed=seed, step=step, offset=offset, stream=stream, device=device)
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     """L2 norm of all tensors together (float32 accumulation, float64 if any input is float64)."""
     tensors = list(tensors)
-    if tensors and _fp32_cpu(tensors) and select_backend("global_norm", tensors[0].device,
-                                                         has_triton=False) == "cpp":
-        return _cpp().global_norm([t.contiguous() for t in tensors])
+    if not tensors or not _fp32(tensors) or any(t.device != tensors[0].device for t in tensors):
+        return _ref.global_norm(tensors)
+    backend = select_backend("global_norm", tensors[0].device, has_triton=False)
+    if backend in ("cpp", "cuda"):
+        return _compiled(backend, "global_norm")(_contiguous(tensors))
     return _ref.global_norm(tensors)
