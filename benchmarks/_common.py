@@ -43,6 +43,25 @@ def forced(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
+def kernel_backends(device: torch.device) -> list[str]:
+    """The compiled backends live for ``device`` (``cpp`` on CPU; ``cuda`` and ``triton`` on GPU)."""
+    from pyunlearn.ops import backends
+
+    live = backends()
+    if device.type == "cpu":
+        return ["cpp"] if live["cpp"] else []
+    return [name for name in ("cuda", "triton") if live[name] and not (name == "triton" and live["triton_interpreter"])]
+
+
+def copy_bandwidth(device: torch.device, *, nbytes: int = 1 << 28, repeats: int = 10) -> float:
+    """GB/s of a device-to-device copy of ``nbytes`` (bytes read + bytes written): the memory-bound
+    ceiling the bandwidth of the fused ops is compared with."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_interleaved({"copy": lambda: dst.copy_(src)}, device=device, repeats=repeats)["copy"]
+    return 2 * src.numel() * 4 / statistics.median(seconds) / 1e9
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -6,15 +6,16 @@ float32 parameters (default about 4.5M elements in 46 tensors; ``--quick``: abou
 
 * ``reference``      the pure-PyTorch reference (``pyunlearn.ops.reference``, counter-based Philox noise);
 * ``cpp``            the fused C++ kernel through the public op (``PYUNLEARN_BACKEND=cpp``);
-* ``triton``         the Triton kernel (CUDA only);
+* ``cuda``           the CUDA C++ kernel (GPU, when built);
+* ``triton``         the Triton kernel (GPU);
 * ``torch_unfused``  the natural PyTorch sequence: per-tensor norms, clip, update, ``torch.randn_like``
   noise (a different RNG: the honest baseline a user would write);
 * ``torch_foreach``  the same with ``torch._foreach_*`` multi-tensor ops.
 
 Timing rounds are interleaved across providers. Reported: median and IQR (ms), the minimal bytes the
 op must move (gradient clipping 16 B/param: read g, then read x, g and write x; model clipping 20 B:
-the update pass writes y, the projection pass reads and writes it; DP-SGD 12 B) and the achieved
-GB/s, and the speed-up over the reference. Results: ``benchmarks/results/bench_clip_noise_step-*``.
+the update pass writes y, the projection pass reads and writes it; DP-SGD 12 B), the achieved GB/s
+and its fraction of the measured device-to-device copy bandwidth, and the speed-up over the reference. Results: ``benchmarks/results/bench_clip_noise_step-*``.
 
     python benchmarks/bench_clip_noise_step.py [--quick] [--threads N]
 """
@@ -115,7 +116,7 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 15)
     shapes = make_shapes(total)
     numel = sum(torch.Size(s).numel() for s in shapes)
-    live = ops.backends()
+    copy_gbps = _common.copy_bandwidth(device, nbytes=(1 << 25) if args.quick else (1 << 28))
     g = torch.Generator().manual_seed(0)
     rows = []
     for op in ("gradient_clipping_step_", "model_clipping_step_", "dpsgd_step_"):
@@ -131,10 +132,8 @@ def main() -> None:
 
         ref_ps = copies.setdefault("reference", [p.clone() for p in base])
         providers["reference"] = lambda: getattr(ref, op)(ref_ps, grads, **op_kwargs(op, 0))
-        if device.type == "cpu" and live["cpp"]:
-            providers["cpp"] = _common.forced("cpp", public("cpp"))
-        if device.type == "cuda" and live["triton"]:
-            providers["triton"] = _common.forced("triton", public("triton"))
+        for backend in _common.kernel_backends(device):
+            providers[backend] = _common.forced(backend, public(backend))
         torch_ps = [p.clone() for p in base]
         for name, fn in torch_providers(op, torch_ps, grads).items():
             providers[name] = fn
@@ -145,12 +144,13 @@ def main() -> None:
             nbytes = BYTES_PER_PARAM[op] * numel
             rows.append({"op": op, "provider": name, "params": numel, "tensors": len(shapes), **s,
                          "bytes": nbytes, "gb_per_s": nbytes / (s["median_ms"] * 1e-3) / 1e9,
+                         "fraction_of_copy_bw": nbytes / (s["median_ms"] * 1e-3) / 1e9 / copy_gbps,
                          "speedup_vs_reference": ref_median / s["median_ms"]})
     meta = {"environment": _common.environment(device), "quick": args.quick, "repeats": repeats,
-            "hyperparameters": dict(lr=LR, weight_decay=WD, clip=CLIP, sigma=SIGMA,
+            "copy_gb_per_s": copy_gbps, "hyperparameters": dict(lr=LR, weight_decay=WD, clip=CLIP, sigma=SIGMA,
                                     noise_multiplier=NOISE_MULTIPLIER, expected_batch_size=EXPECTED_BATCH)}
     _common.print_table(rows, ["op", "provider", "params", "median_ms", "iqr_ms", "gb_per_s",
-                               "speedup_vs_reference"])
+                               "fraction_of_copy_bw", "speedup_vs_reference"])
     if not args.no_save:
         paths = _common.write_results("bench_clip_noise_step", device, rows, meta, threads=args.threads)
         print("wrote", *paths)

@@ -5,13 +5,14 @@ Providers:
 
 * ``reference``       ``pyunlearn.ops.reference.masked_cross_entropy_fwd_bwd`` (pure PyTorch);
 * ``cpp``             the fused C++ kernel through the public op (``PYUNLEARN_BACKEND=cpp``);
-* ``triton``          the Triton kernel (CUDA only);
+* ``cuda``            the CUDA C++ kernel (GPU, when built);
+* ``triton``          the Triton kernel (GPU);
 * ``torch_autograd``  what a user would write: ``F.cross_entropy`` / ``F.binary_cross_entropy_with_logits``
   per pixel, masked per-sample mean, ``backward()``.
 
 Timing rounds are interleaved across providers. Reported: median and IQR (ms), the bytes the op must
-move (read logits, targets and mask, write the gradient and the loss) and the achieved GB/s, and the
-speed-up over the reference. Results: ``benchmarks/results/bench_masked_cross_entropy-*``.
+move (read logits, targets and mask, write the gradient and the loss), the achieved GB/s and its
+fraction of the measured device-to-device copy bandwidth, and the speed-up over the reference. Results: ``benchmarks/results/bench_masked_cross_entropy-*``.
 
     python benchmarks/bench_masked_cross_entropy.py [--quick] [--threads N]
 """
@@ -72,16 +73,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 25)
-    live = ops.backends()
+    copy_gbps = _common.copy_bandwidth(device, nbytes=(1 << 25) if args.quick else (1 << 28))
     rows = []
     for name, b, k, h, w, dtype, layout in (QUICK_CASES if args.quick else CASES):
         logits, target, mask = make_inputs(b, k, h, w, dtype, layout, device)
         providers = {"reference": lambda: ref.masked_cross_entropy_fwd_bwd(logits, target, mask)}
         public = lambda: ops.masked_cross_entropy_fwd_bwd(logits, target, mask)  # noqa: E731
-        if device.type == "cpu" and live["cpp"]:
-            providers["cpp"] = _common.forced("cpp", public)
-        if device.type == "cuda" and live["triton"]:
-            providers["triton"] = _common.forced("triton", public)
+        for backend in _common.kernel_backends(device):
+            providers[backend] = _common.forced(backend, public)
         providers["torch_autograd"] = lambda: torch_autograd(logits, target, mask)
         times = _common.time_interleaved(providers, device=device, repeats=repeats)
         ref_median = _common.summarize(times["reference"])["median_ms"]
@@ -92,9 +91,12 @@ def main() -> None:
             rows.append({"case": name, "provider": provider, "B": b, "K": k, "pixels": h * w, "dtype": str(dtype),
                          "layout": layout, **s, "bytes": nbytes,
                          "gb_per_s": nbytes / (s["median_ms"] * 1e-3) / 1e9,
+                         "fraction_of_copy_bw": nbytes / (s["median_ms"] * 1e-3) / 1e9 / copy_gbps,
                          "speedup_vs_reference": ref_median / s["median_ms"]})
-    meta = {"environment": _common.environment(device), "quick": args.quick, "repeats": repeats}
-    _common.print_table(rows, ["case", "provider", "median_ms", "iqr_ms", "gb_per_s", "speedup_vs_reference"])
+    meta = {"environment": _common.environment(device), "quick": args.quick, "repeats": repeats,
+            "copy_gb_per_s": copy_gbps}
+    _common.print_table(rows, ["case", "provider", "median_ms", "iqr_ms", "gb_per_s", "fraction_of_copy_bw",
+                               "speedup_vs_reference"])
     if not args.no_save:
         paths = _common.write_results("bench_masked_cross_entropy", device, rows, meta, threads=args.threads)
         print("wrote", *paths)

@@ -8,6 +8,7 @@ bindings.cpp with the CUDA entry points enabled. Skipped where nvcc is not insta
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -75,3 +76,16 @@ def test_cuda_sources_and_bindings_compile(tmp_path):
     assert not failures, "\n\n".join(failures)
     for src in CUDA_SOURCES:
         assert (tmp_path / f"{src.stem}.o").stat().st_size > 0
+
+
+def test_registry_calls_only_bound_cuda_kernels():
+    # The CUDA entry points cannot be imported without a CUDA build, so check by name: every
+    # ``cuda_<name>`` the registry calls is bound in bindings.cpp, next to its CPU twin ``<name>``.
+    bindings = (ROOT / "csrc" / "pyunlearn" / "bindings.cpp").read_text()
+    registry = (ROOT / "pyunlearn" / "ops" / "_registry.py").read_text()
+    bound = set(re.findall(r'm\.def\(\s*"(\w+)"', bindings))
+    cuda_bound = {name for name in bound if name.startswith("cuda_")}
+    used = {f"cuda_{name}" for name in re.findall(r'_compiled\(\w+, "(\w+)"\)', registry)}
+    used |= set(re.findall(r"\.(cuda_\w+)\(", registry))
+    assert used and used <= cuda_bound, used - cuda_bound
+    assert {name[len("cuda_"):] for name in cuda_bound} <= bound - cuda_bound

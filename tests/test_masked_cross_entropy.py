@@ -302,6 +302,20 @@ def test_automatic_dispatch_on_cpu():
         assert ops.select_backend("masked_cross_entropy", torch.device("cpu")) == expected
 
 
+def test_automatic_dispatch_on_cuda_prefers_the_cuda_kernels_then_triton(monkeypatch):
+    cuda = torch.device("cuda")
+    with forced(None):
+        monkeypatch.setattr(_registry, "_cuda_available", lambda: True)
+        assert ops.select_backend("masked_cross_entropy", cuda) == "cuda"
+        monkeypatch.setattr(_registry, "_cuda_available", lambda: False)
+        monkeypatch.setattr(_registry, "_triton_available", lambda: True)
+        monkeypatch.setattr(_registry, "_triton_interpreting", lambda: False)
+        assert ops.select_backend("masked_cross_entropy", cuda) == "triton"
+        assert ops.select_backend("add_noise_", cuda, has_triton=False) == "reference"
+        monkeypatch.setattr(_registry, "_triton_available", lambda: False)
+        assert ops.select_backend("masked_cross_entropy", cuda) == "reference"
+
+
 def test_forced_backend_errors(monkeypatch):
     cpu = torch.device("cpu")
     with forced("cuda"), pytest.raises(RuntimeError, match="cuda"):
