@@ -11,14 +11,19 @@ Each op has a default implementation (the PyTorch reference, any device), a CPU 
 kernel that choose a backend at call time:
 
 * CPU: the compiled C++ kernels (``pyunlearn._C``) when loaded, else the reference;
-* CUDA: compiled CUDA kernels when built, else Triton (``pyunlearn._triton``), else the reference.
+* CUDA: the compiled CUDA kernels (the ``cuda_*`` functions of ``pyunlearn._C`` in a CUDA build), else
+  Triton (``pyunlearn._triton``), else the reference.
 
 ``PYUNLEARN_BACKEND=reference|cpp|triton|cuda`` (read at every call) forces one; forcing a backend
 that is unavailable, or that cannot run on the tensors' device, raises ``RuntimeError``. ``triton`` on
 CPU tensors needs ``TRITON_INTERPRET=1``.
 
-The C++ step kernels handle float32 parameters and gradients, the Triton ones float32 parameters;
-other dtypes run the reference (also when that backend is forced). In the C++ path non-contiguous
+The compiled (C++ and CUDA) step kernels handle float32 parameters and gradients, the Triton ones
+float32 parameters; other dtypes run the reference (also when that backend is forced). Under
+``torch.compile`` the ops are opaque calls with fake kernels, except that masked cross-entropy is
+decomposed into the Triton ``triton_op`` when Triton is the backend selected (``_mce_functional``).
+The step ops stay opaque on purpose: their kernels reach the parameters through an address table,
+a mutation the compiler's kernel analysis cannot see. In the compiled paths non-contiguous
 parameters are updated through contiguous copies that are copied back, non-contiguous gradients are
 read through contiguous copies, and logits are read in place with their strides. Gradients of
 ``masked_cross_entropy`` are always returned contiguous.
