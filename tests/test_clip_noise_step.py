@@ -96,6 +96,27 @@ def test_cpp_without_noise_or_clipping_is_bit_exact(name):
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+@pytest.mark.parametrize("name", ["gradient_clipping_step_", "model_clipping_step_"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_active_clipping_without_noise_is_bit_exact_when_the_norm_is(backend, name):
+    # Values whose squares sum exactly in float32 in any order, so every backend gets the same norm; the
+    # clip factor must then round exactly as the reference's (torch: reciprocal of the norm, times C).
+    shapes = [(33,), (4, 9), (1031,)]
+    g = torch.Generator().manual_seed(3)
+    exact = [torch.tensor([0.5, -0.25, 1.0, 0.125])[torch.randint(0, 4, s, generator=g)] for s in shapes]
+    for clip in (0.7, 1e-3, 0.3, 2.9):
+        if name == "gradient_clipping_step_":  # the clipped quantity: the gradients
+            params, grads, lr = _tensors(shapes, 1), exact, 0.3
+        else:  # the model itself (lr = 0: y = x)
+            params, grads, lr = exact, _tensors(shapes, 2), 0.0
+        kw = _kw(name, lr=lr, wd=0.01, clip=clip, sigma=0.0, seed=1, step=1)
+        expected, got = _clone(params), _clone(params)
+        ref_norm = getattr(ref, name)(expected, grads, **kw)
+        norm = _step(name, backend, got, grads, **kw)
+        assert torch.equal(norm, ref_norm)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), clip
+
+
 # ------------------------------------------------------------------------------------ noise
 def _noise_of(name: str, backend: str, n: int, sigma: float, seed: int, step: int) -> torch.Tensor:
     """after - deterministic update, with x = 0, g = 0 (so the update is exactly the noise)."""

@@ -326,16 +326,21 @@ def step_after_last_planned_step(tmp_path: Path) -> Case:
     return Case(opt.step, model, opt)
 
 
-def classification_psg_empty_forget(tmp_path: Path) -> Case:
-    from pyunlearn.models_classify import LinearClassifier
+def _classification_case(forget_size: int, **kw) -> Callable:
+    def build(tmp_path: Path) -> Case:
+        from pyunlearn.models_classify import LinearClassifier
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LinearClassifier(4, 3)
-    gen = torch.Generator().manual_seed(0)
-    remain = (torch.rand(5, 4, generator=gen), torch.randint(0, 3, (5,), generator=gen))
-    forget = (torch.empty(0, 4), torch.empty(0, dtype=torch.int64))
-    return Case(lambda: unlearn.psg(model, forget, remain, steps=1, inner_steps=1), model)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = LinearClassifier(4, 3)
+        gen = torch.Generator().manual_seed(0)
+        remain = (torch.rand(5, 4, generator=gen), torch.randint(0, 3, (5,), generator=gen))
+        forget = (torch.rand(forget_size, 4, generator=gen), torch.randint(0, 3, (forget_size,), generator=gen))
+        return Case(lambda: unlearn.psg(model, forget, remain, steps=1, inner_steps=1, **kw), model)
+    return build
+
+
+classification_psg_empty_forget = _classification_case(0)
 
 
 def dpsgd_case(corrupt: Optional[Callable[[nn.Module], None]] = None, **override) -> Callable:
@@ -434,14 +439,18 @@ TABLE = [
         id="operator/psg-segmentation-empty-forget"),
     row(classification_psg_empty_forget, ValueError, r"forget is empty \(0 samples\)",
         id="operator/classification-psg-empty-forget"),
+    row(_classification_case(2, lr=-0.5), ValueError, r"^lr must be finite and > 0, got -0\.5",
+        id="operator/classification-lr-negative"),
     row(operator("finetune", steps=-1, inplace=True), ValueError, r"finetune: steps must be an int >= 0, got -1",
         id="operator/steps-negative"),
     row(operator("finetune", steps=2.0, inplace=True), ValueError, r"finetune: steps must be an int >= 0, got 2\.0",
         id="operator/steps-float"),
     row(operator("finetune", batch_size=0, inplace=True), ValueError,
         r"finetune: batch_size must be an int >= 1, got 0", id="operator/batch-size-zero"),
-    row(operator("finetune", lr=-1e-3, inplace=True), ValueError, r"Invalid learning rate: -0\.001",
+    row(operator("finetune", lr=-1e-3, inplace=True), ValueError, r"^lr must be finite and > 0, got -0\.001",
         id="operator/lr-negative"),
+    row(operator("gradient_clipping", finetune_lr=float("nan")), ValueError,
+        r"^finetune_lr must be finite and > 0, got nan", id="operator/finetune-lr-nan"),
     row(operator("gradient_clipping", finetune_steps=-2), ValueError,
         r"^finetune_steps must be an int >= 0, got -2", id="operator/finetune-steps-negative"),
     row(operator("gradient_clipping", sigma=None, epsilon=-1.0), ValueError,

@@ -156,6 +156,18 @@ def test_target_dtypes(backend):
         torch.testing.assert_close(grad, expected[1], rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", "cuda")])
+def test_gpu_kernels_give_nan_loss_for_out_of_range_targets(backend):
+    logits, target, m, _ = _make(8, 3, 4, 50, mask="full", weighted=False, layout="contiguous")
+    target[1, 7] = 4  # sample 1: one target == K
+    target[2, 3] = -1
+    m[2, 3] = False  # sample 2: a bad target on a masked-out pixel counts too
+    loss, _ = _call(backend, logits, target, m, None)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and torch.isnan(loss[2])
+    torch.testing.assert_close(loss[0], ref.masked_cross_entropy_fwd_bwd(logits[:1], target[:1], m[:1])[0][0],
+                               rtol=2e-6, atol=2e-6)
+
+
 @pytest.mark.skipif(not ops.backends()["cpp"], reason="pyunlearn._C is not built")
 def test_cpp_rejects_out_of_range_targets():
     logits = torch.randn(1, 3, 9)

@@ -100,9 +100,11 @@ def _block_row(table_ptr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _clip_factor(norm_ptr, max_norm):
-    """min(1, C / norm) (1 for a zero norm), from the norm on the device."""
+    """min(1, C / norm) (1 for a zero norm), from the norm on the device, rounded as the reference
+    (torch evaluates ``C / tensor`` as ``tensor.reciprocal() * C``)."""
     norm = tl.load(norm_ptr)
-    return tl.where(norm > max_norm, tl.math.div_rn(max_norm + tl.zeros_like(norm), tl.maximum(norm, 1e-30)), 1.0)
+    inverse = tl.math.div_rn(tl.zeros_like(norm) + 1.0, tl.maximum(norm, 1e-30))
+    return tl.where(norm > max_norm, inverse * max_norm, 1.0)
 
 
 @triton.jit

@@ -122,8 +122,10 @@ def _masked_cross_entropy_kernel(
                 grad = (tl.exp(x - lse[None, :]) - is_t.to(ACC)) * pix_scale[None, :]
                 tl.store(grow + ks[:, None] * stride_gk + offs_n[None, :] * stride_gn,
                          grad.to(grad_ptr.dtype.element_ty), mask=tile_mask)
-        pixel_loss = lse - x_t
-    # Out-of-range pixels were loaded as finite zeros and have pix_scale == 0.
+        # A target outside [0, K) cannot raise without a device synchronisation: it makes the loss of
+        # its sample NaN (as the CUDA kernel; pyunlearn.losses validates targets first).
+        pixel_loss = tl.where((tgt >= 0) & (tgt < K), lse - x_t, float("nan"))
+    # Pixels past N were loaded as finite zeros (target 0) and have pix_scale == 0.
     tl.store(partial_ptr + pid, tl.sum(pixel_loss * pix_scale, axis=0))
 
 

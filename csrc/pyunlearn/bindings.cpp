@@ -55,10 +55,11 @@ NoiseKey key_of(int64_t seed, int64_t step, int64_t stream) {
   return make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(step), static_cast<uint32_t>(stream));
 }
 
-// fp32 clip factor exactly as reference.clip_factor: min(1, C / norm) with norm clamped at 1e-30.
+// fp32 clip factor exactly as reference.clip_factor: min(1, C / norm) with norm clamped at 1e-30, where
+// torch evaluates `C / tensor` as `tensor.reciprocal() * C` (two roundings, not one division).
 float clip_factor(float norm, double max_norm) {
   const float c = static_cast<float>(max_norm);
-  return norm > c ? c / std::max(norm, 1e-30f) : 1.0f;
+  return norm > c ? (1.0f / std::max(norm, 1e-30f)) * c : 1.0f;
 }
 
 at::Tensor scalar_norm(double sumsq) {

@@ -126,6 +126,10 @@ def masked_cross_entropy_fwd_bwd(logits: Tensor, target: Tensor, mask: Tensor,
     Same contract as :func:`pyunlearn.ops.reference.masked_cross_entropy_fwd_bwd`: K == 1 is sigmoid BCE,
     K >= 2 softmax CE; accumulation float32 (float64 for float64 logits); the gradient has the dtype of
     ``logits`` and is contiguous.
+
+    Targets must lie in ``[0, K)`` (``pyunlearn.losses`` checks them). Here they are not checked up
+    front: the C++ kernel raises ``IndexError``, while the GPU kernels (CUDA, Triton), which cannot
+    raise without a device synchronisation, return NaN as the loss of any sample that has one.
     """
     _check_masked_ce(logits, target, mask, weight)
     return masked_cross_entropy_op(logits, target, mask, weight)

@@ -19,7 +19,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .. import certify, ops
-from .._validation import count
+from .._validation import count, positive
 from ..checkpoint import load_checkpoint, model_identity, save_checkpoint
 from ..losses import masked_cross_entropy
 from ..optim import GradientClipping, ModelClipping
@@ -226,7 +226,8 @@ def _finish(record: dict, method: str, t0: float, **hyper) -> dict:
     return record
 
 
-def _adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def _adam(model: nn.Module, lr: float, name: str = "lr") -> torch.optim.Optimizer:
+    positive(lr, name)
     return torch.optim.Adam([p for _, p in _trainable(model)], lr=lr)
 
 
@@ -344,6 +345,7 @@ def _certified_run(model, data, optimizer_cls, optimizer_kwargs, *, method, step
     """Noisy certified phase on retain data, then optional noise-free fine-tuning on retain data
     (post-processing: the guarantee is unchanged). Resumable in either phase."""
     count(finetune_steps, "finetune_steps", minimum=0)  # before the noisy phase, not after it
+    positive(finetune_lr, "finetune_lr")
     t0 = time.perf_counter()
     _check_certifiable(model, data)
     named = _trainable(model)
@@ -365,7 +367,7 @@ def _certified_run(model, data, optimizer_cls, optimizer_kwargs, *, method, step
              phase="noisy")
         certificate = optimizer.certificate()
     record["noisy_steps"] = steps
-    _run(model, data, _adam(model, finetune_lr), steps=finetune_steps, batch_size=batch_size, seed=seed + 1,
+    _run(model, data, _adam(model, finetune_lr, "finetune_lr"), steps=finetune_steps, batch_size=batch_size, seed=seed + 1,
          method=f"{method} (post-processing)", inputs=inputs, eval_fn=eval_fn, eval_every=eval_every,
          step_offset=steps, progress=progress, record=record, checkpoints=ck, phase="post",
          extra={"certificate": certificate.to_dict()})
@@ -436,7 +438,7 @@ def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, e
     record = {"losses": [], "trajectory": []}
     if eval_fn is not None and eval_every:
         record["trajectory"].append({"step": 0, **_evaluate(eval_fn, model)})
-    _run(model, data, _adam(model, finetune_lr), steps=finetune_steps, batch_size=batch_size, seed=seed,
+    _run(model, data, _adam(model, finetune_lr, "finetune_lr"), steps=finetune_steps, batch_size=batch_size, seed=seed,
          method="output_perturbation (post-processing)", eval_fn=eval_fn, eval_every=eval_every, progress=progress,
          record=record)
     certificate = certify.Certificate(

@@ -111,8 +111,8 @@ __global__ void __launch_bounds__(kThreads) sumsq_kernel(const Row* rows, bool o
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
-// out[0] = sqrt(sum partial) (double accumulation, fixed order), out[1] = min(1, C / out[0]) exactly as
-// reference.clip_factor in float32.
+// out[0] = sqrt(sum partial) (double accumulation, fixed order), out[1] = min(1, C / out[0]) rounded
+// exactly as reference.clip_factor in float32.
 __global__ void __launch_bounds__(kThreads) finalize_norm_kernel(const float* partial, int64_t n, float max_norm,
                                                                  float* out) {
   double acc = 0.0;
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) finalize_norm_kernel(const float* pa
   if (threadIdx.x == 0) {
     const float norm = static_cast<float>(sqrt(total));
     out[0] = norm;
-    out[1] = norm > max_norm ? max_norm / fmaxf(norm, 1e-30f) : 1.0f;
+    out[1] = norm > max_norm ? (1.0f / fmaxf(norm, 1e-30f)) * max_norm : 1.0f;  // torch: reciprocal, then * C
   }
 }
 
@@ -214,7 +214,7 @@ Plan make_plan(const std::vector<at::Tensor>& params, const std::vector<at::Tens
       g = gt.data_ptr<float>();
     }
     const int64_t n = p.numel();
-    for (int64_t g0 = offset & ~int64_t{3}; g0 < offset + n; g0 += kBlockElems) {
+    for (int64_t g0 = offset & ~int64_t{3}; n > 0 && g0 < offset + n; g0 += kBlockElems) {
       rows.push_back(Row{p.data_ptr<float>(), g, offset, n, g0});
     }
     offset += n;
@@ -233,6 +233,13 @@ Plan make_plan(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   return plan;
 }
 
+// The device of the first tensor, checked to be CUDA before a device guard is made for it.
+at::Device cuda_device(const std::vector<at::Tensor>& tensors, const char* what) {
+  TORCH_CHECK(!tensors.empty(), what, ": no tensors");
+  TORCH_CHECK(tensors[0].is_cuda(), what, ": tensors must be on a CUDA device, got ", tensors[0].device());
+  return tensors[0].device();
+}
+
 const Row* rows_of(const Plan& plan) { return reinterpret_cast<const Row*>(plan.table.data_ptr()); }
 
 NoiseKey key_of(int64_t seed, int64_t step, int64_t stream) {
@@ -244,13 +251,15 @@ NoiseKey key_of(int64_t seed, int64_t step, int64_t stream) {
 
 template <Kind kKind>
 void launch_update(const Plan& plan, const float* factor, const Args& a, float* partial) {
-  const bool noisy = a.sigma != 0.0f && kKind != Kind::kModelUpdate;
   const dim3 grid(static_cast<unsigned>(plan.blocks));
-  if (noisy) {
-    update_kernel<kKind, true><<<grid, kThreads, 0, current_stream()>>>(rows_of(plan), factor, a, partial);
-  } else {
-    update_kernel<kKind, false><<<grid, kThreads, 0, current_stream()>>>(rows_of(plan), factor, a, partial);
+  if constexpr (kKind != Kind::kModelUpdate) {  // the descent pass of model clipping has no noise
+    if (a.sigma != 0.0f) {
+      update_kernel<kKind, true><<<grid, kThreads, 0, current_stream()>>>(rows_of(plan), factor, a, partial);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
   }
+  update_kernel<kKind, false><<<grid, kThreads, 0, current_stream()>>>(rows_of(plan), factor, a, partial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -280,7 +289,7 @@ at::Tensor zero_norm(const at::Device& device) {
 at::Tensor gradient_clipping_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                                   double lr, double max_grad_norm, double weight_decay, double sigma, int64_t seed,
                                   int64_t step) {
-  const c10::cuda::CUDAGuard guard(params.at(0).device());
+  const c10::cuda::CUDAGuard guard(cuda_device(params, "gradient_clipping_step_"));
   const Plan plan = make_plan(params, &grads, "gradient_clipping_step_");
   if (plan.blocks == 0) return zero_norm(plan.device);
   Args a;
@@ -296,7 +305,7 @@ at::Tensor gradient_clipping_step(const std::vector<at::Tensor>& params, const s
 at::Tensor model_clipping_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                                double lr, double max_model_norm, double weight_decay, double sigma, int64_t seed,
                                int64_t step) {
-  const c10::cuda::CUDAGuard guard(params.at(0).device());
+  const c10::cuda::CUDAGuard guard(cuda_device(params, "model_clipping_step_"));
   const Plan plan = make_plan(params, &grads, "model_clipping_step_");
   if (plan.blocks == 0) return zero_norm(plan.device);
   Args a;
@@ -313,7 +322,7 @@ at::Tensor model_clipping_step(const std::vector<at::Tensor>& params, const std:
 
 void dpsgd_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads, double lr,
                 double noise_std, double expected_batch_size, double weight_decay, int64_t seed, int64_t step) {
-  const c10::cuda::CUDAGuard guard(params.at(0).device());
+  const c10::cuda::CUDAGuard guard(cuda_device(params, "dpsgd_step_"));
   const Plan plan = make_plan(params, &grads, "dpsgd_step_");
   if (plan.blocks == 0) return;
   Args a;
@@ -327,7 +336,7 @@ void dpsgd_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
 
 void add_noise(const std::vector<at::Tensor>& params, double sigma, int64_t seed, int64_t step, int64_t stream) {
   if (sigma == 0.0) return;
-  const c10::cuda::CUDAGuard guard(params.at(0).device());
+  const c10::cuda::CUDAGuard guard(cuda_device(params, "add_noise_"));
   const Plan plan = make_plan(params, nullptr, "add_noise_");
   if (plan.blocks == 0) return;
   Args a;
@@ -337,7 +346,7 @@ void add_noise(const std::vector<at::Tensor>& params, double sigma, int64_t seed
 }
 
 at::Tensor global_norm(const std::vector<at::Tensor>& tensors) {
-  const c10::cuda::CUDAGuard guard(tensors.at(0).device());
+  const c10::cuda::CUDAGuard guard(cuda_device(tensors, "global_norm"));
   const Plan plan = make_plan(tensors, nullptr, "global_norm");
   if (plan.blocks == 0) return zero_norm(plan.device);
   return finalize_norm(plan, sumsq_partials(plan, /*of_grads=*/false), std::numeric_limits<double>::infinity())[0];
