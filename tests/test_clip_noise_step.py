@@ -202,6 +202,15 @@ def test_float64_params_use_the_reference_exactly(backend, name):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_float64_dpsgd_step_computes_in_float64():
+    g = torch.Generator().manual_seed(6)
+    x, grad = torch.randn(101, dtype=torch.float64, generator=g), torch.randn(101, dtype=torch.float64, generator=g)
+    got = [x.clone()]
+    ops.dpsgd_step_(got, [grad], lr=0.1, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=7.0,
+                    weight_decay=0.01, seed=0, step=0)
+    assert torch.equal(got[0], x - 0.1 * (grad / 7.0 + 0.01 * x))
+
+
 @needs_cpp
 @pytest.mark.parametrize("name", STEPS)
 def test_cpp_is_bit_identical_across_thread_counts(name):

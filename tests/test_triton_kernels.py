@@ -196,6 +196,19 @@ def test_masked_cross_entropy_degenerate_shapes() -> None:
     assert torch.equal(loss, torch.zeros(2, device=DEVICE)) and grad.shape == (2, 3, 0)
 
 
+@pytest.mark.skipif(ptriton.interpreting(), reason="interpreted kernels cannot run on fake tensors")
+def test_masked_cross_entropy_triton_op_opcheck() -> None:
+    g = _gen(12)
+    for K, weighted in ((3, True), (1, False)):
+        logits = _logits(2, K, 29, "contiguous", 2.0, torch.float32, g)
+        target = torch.randint(0, max(K, 2), (2, 29), generator=g).to(DEVICE)
+        mask = (torch.rand(2, 29, generator=g) < 0.5).to(DEVICE)
+        weight = torch.randn(2, generator=g).to(DEVICE) if weighted else None
+        torch.library.opcheck(mce.masked_cross_entropy_op, (logits, target, mask, weight))
+        torch.library.opcheck(mce.masked_cross_entropy_op,
+                              (logits.clone().requires_grad_(True), target, mask, weight))
+
+
 def test_masked_cross_entropy_rejects_bad_inputs() -> None:
     logits = torch.randn(2, 3, 4, device=DEVICE)
     target = torch.zeros(2, 4, dtype=torch.long, device=DEVICE)

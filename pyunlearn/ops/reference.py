@@ -155,14 +155,17 @@ def dpsgd_step_(
 
         g = (sum_i clip(g_i, C) + noise_multiplier * C * noise(seed, step)) / expected_batch_size
         x <- x - lr * (g + weight_decay * x)
+
+    computed in float32, or float64 for float64 parameters (the noise itself is float32).
     """
     std = noise_multiplier * max_grad_norm
     offset = 0
     for p, g in zip(params, summed_clipped_grads):
-        noisy = g.to(torch.float32)
+        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+        noisy = g.to(acc)
         if std > 0.0:
             noisy = noisy + std * gaussian_noise(p.numel(), seed=seed, step=step, offset=offset,
-                                                 device=p.device).view_as(p)
-        update = noisy / expected_batch_size + weight_decay * p.to(torch.float32)
+                                                 device=p.device).view_as(p).to(acc)
+        update = noisy / expected_batch_size + weight_decay * p.to(acc)
         p.sub_((lr * update).to(p.dtype))
         offset += p.numel()
