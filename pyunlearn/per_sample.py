@@ -8,7 +8,10 @@ backward pass a hook on the layer's output keeps the output gradient ``g``. From
   all trainable parameters. For a layer whose per-sample gradient is ``g_iᵀ a_i`` with ``T`` positions
   (tokens, pixels), ``p`` outputs and ``d`` inputs, the *ghost norm*
   ``‖g_iᵀ a_i‖² = Σ_{t,t'} (a_t·a_t')(g_t·g_t')`` is used when ``2T² ≤ p·d`` (no per-sample weight);
-  otherwise that layer's per-sample gradients are formed a few samples at a time (``chunk_bytes``) and
+  otherwise, where the Triton backend runs (GPU), the fused kernel
+  :func:`pyunlearn.ops.per_sample_sq_norms` reduces each sample's weight gradient to its norm in
+  registers (Linear, Conv1d and Conv2d with one group; no per-sample gradient is written), and
+  elsewhere that layer's per-sample gradients are formed a few samples at a time (``chunk_bytes``) and
   reduced to norms. A convolution whose whole batch fit in one chunk keeps them until
   :meth:`~PerSampleGradients.clipped_sum_`, which then sums them instead of redoing the weight gradient. For convolutions the per-sample
   gradients come from one grouped weight-gradient convolution (the batch folded into the groups, the
@@ -59,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from ._validation import positive
 
 __all__ = ["PerSampleGradients", "wrap", "SUPPORTED_LAYERS", "clip_factor", "clipped_sum_info"]
@@ -134,6 +138,14 @@ def _bcast(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return c.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+def _in_registers(t: torch.Tensor) -> bool:
+    """Whether per-sample weight-gradient norms of ``t``'s layer are computed by the fused kernel
+    (``pyunlearn.ops.per_sample_sq_norms`` on Triton: no per-sample gradient is written) rather than
+    from per-sample gradients formed a chunk of samples at a time."""
+    return t.dtype != torch.float64 and ops.select_backend("per_sample_sq_norms", t.device,
+                                                           has_cuda=False) == "triton"
+
+
 def _chunks(batch: int, bytes_per_sample: int, budget: int) -> Iterator[slice]:
     step = max(1, budget // max(1, bytes_per_sample))
     for start in range(0, batch, step):
@@ -179,6 +191,10 @@ class _LinearRule(_Rule):
                 aa = torch.bmm(a, a.transpose(1, 2))
                 gg = torch.bmm(g, g.transpose(1, 2))
                 total += (aa * gg).sum(dim=(1, 2), dtype=acc)
+            elif _in_registers(a):  # a 1x1 convolution over the tokens: (B, d, 1, T) and (B, p, 1, T) views
+                total += ops.per_sample_sq_norms(a.transpose(1, 2).unsqueeze(2), g.transpose(1, 2).unsqueeze(2),
+                                                 kernel_size=(1, 1), stride=(1, 1), padding=(0, 0),
+                                                 dilation=(1, 1)).to(acc)
             else:
                 for s in _chunks(b, p * d * a.element_size(), budget):
                     total[s] += _sq(torch.bmm(g[s].transpose(1, 2), a[s]))
@@ -325,14 +341,26 @@ class _ConvRule(_Rule):
         return 2 * t * t <= layer.out_channels * d
 
     @staticmethod
-    def _ghost_sq(layer, a, g, args) -> torch.Tensor:
+    def _fused_ok(layer, prepared, method) -> bool:
+        return (method != "ghost" and len(prepared) == 1 and type(layer) in (nn.Conv1d, nn.Conv2d)
+                and layer.groups == 1 and _in_registers(prepared[0][0]))
+
+    @staticmethod
+    def _as_2d(layer, a, g, args):
+        """(a, g, kernel, stride, padding, dilation) of a Conv1d/Conv2d call as a 2-d convolution."""
         if a.dim() == 3:  # Conv1d as a 2-d convolution of height 1
-            a = a.unsqueeze(2)
-            g = g.unsqueeze(2)
-            kernel, dilation = (1, *layer.kernel_size), (1, *args["dilation"])
-            padding, stride = (0, *args["padding"]), (1, *args["stride"])
-        else:
-            kernel, dilation, padding, stride = layer.kernel_size, args["dilation"], args["padding"], args["stride"]
+            return (a.unsqueeze(2), g.unsqueeze(2), (1, *layer.kernel_size), (1, *args["stride"]),
+                    (0, *args["padding"]), (1, *args["dilation"]))
+        return a, g, layer.kernel_size, args["stride"], args["padding"], args["dilation"]
+
+    @classmethod
+    def _fused_sq(cls, layer, a, g, args) -> torch.Tensor:
+        a, g, kernel, stride, padding, dilation = cls._as_2d(layer, a, g, args)
+        return ops.per_sample_sq_norms(a, g, kernel_size=kernel, stride=stride, padding=padding, dilation=dilation)
+
+    @classmethod
+    def _ghost_sq(cls, layer, a, g, args) -> torch.Tensor:
+        a, g, kernel, stride, padding, dilation = cls._as_2d(layer, a, g, args)
         u = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, d, T)
         gt = g.reshape(g.shape[0], g.shape[1], -1)  # (B, p, T)
         aa = torch.bmm(u.transpose(1, 2), u)
@@ -358,6 +386,9 @@ class _ConvRule(_Rule):
         total = torch.zeros(b, dtype=acc, device=prepared[0][0].device)
         if want_w and self._ghost_ok(layer, prepared, method):
             total += self._ghost_sq(layer, *prepared[0])
+            want_w = False
+        elif want_w and self._fused_ok(layer, prepared, method):
+            total += self._fused_sq(layer, *prepared[0]).to(acc)
             want_w = False
         if not want_w:
             if want_b:

@@ -23,6 +23,7 @@ __all__ = [
     "masked_cross_entropy_fwd_bwd",
     "masked_cross_entropy_op",
     "model_clipping_step_",
+    "per_sample_sq_norms",
     "unavailable_reason",
 ]
 
@@ -32,6 +33,7 @@ _LAZY = {
     "gradient_clipping_step_": "clip_noise_step",
     "model_clipping_step_": "clip_noise_step",
     "dpsgd_step_": "clip_noise_step",
+    "per_sample_sq_norms": "per_sample_norms",
 }
 
 

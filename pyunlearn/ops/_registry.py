@@ -120,10 +120,11 @@ def _unavailable(name: str) -> str:
     return package.unavailable_reason() or "unknown reason"
 
 
-def select_backend(op: str, device: torch.device, *, has_triton: bool = True) -> str:
+def select_backend(op: str, device: torch.device, *, has_triton: bool = True, has_cuda: bool = True) -> str:
     """The backend that runs ``op`` on ``device`` now (forced by ``PYUNLEARN_BACKEND``, else automatic).
 
-    ``has_triton=False`` for ops without a Triton launcher (they use the reference under Triton).
+    ``has_triton=False`` / ``has_cuda=False`` for ops without a Triton launcher / CUDA C++ kernel (they
+    use the reference when that backend is forced, and skip it in the automatic choice).
     """
     forced = forced_backend()
     if forced is not None:
@@ -137,6 +138,8 @@ def select_backend(op: str, device: torch.device, *, has_triton: bool = True) ->
                 raise RuntimeError(f"{_ENV}=cuda but {_unavailable('cuda')}")
             if device.type != "cuda":
                 raise RuntimeError(f"{_ENV}=cuda runs CUDA tensors only; {op} got tensors on {device}")
+            if not has_cuda:
+                return "reference"
         elif forced == "triton":
             if not _triton_available():
                 raise RuntimeError(f"{_ENV}=triton but the Triton backend is unavailable: {_unavailable('triton')}")
@@ -148,7 +151,7 @@ def select_backend(op: str, device: torch.device, *, has_triton: bool = True) ->
     if device.type == "cpu":
         return "cpp" if _cpp() is not None else "reference"
     if device.type == "cuda":
-        if _cuda_available():
+        if has_cuda and _cuda_available():
             return "cuda"
         if has_triton and _triton_available() and not _triton_interpreting():
             return "triton"
@@ -403,6 +406,18 @@ def gaussian_noise(numel: int, *, seed: int, step: int, offset: int = 0, stream:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return _cpp().cuda_gaussian_noise(int(numel), int(seed), int(step), int(offset), int(stream), index)
     return reference_noise(numel, seed=seed, step=step, offset=offset, stream=stream, device=device)
+
+
+def per_sample_sq_norms(a: Tensor, g: Tensor, *, kernel_size: Sequence[int], stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """Per-sample squared weight-gradient norms of a 2-d convolution (``reference.per_sample_sq_norms``):
+    Triton where it runs (reduced in registers, no per-sample gradient written), else the reference.
+    float64 inputs always take the reference (the kernel accumulates in float32)."""
+    kw = dict(kernel_size=list(kernel_size), stride=list(stride), padding=list(padding), dilation=list(dilation))
+    backend = select_backend("per_sample_sq_norms", a.device, has_cuda=False)
+    if backend == "triton" and torch.float64 not in (a.dtype, g.dtype):
+        return _triton_fn("per_sample_sq_norms")(a, g, **kw)
+    return _ref.per_sample_sq_norms(a, g, **kw)
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:

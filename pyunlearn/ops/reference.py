@@ -58,6 +58,26 @@ def masked_cross_entropy_fwd_bwd(
 
 
 # --------------------------------------------------------------------------------------------------
+# Op 3: per-sample gradient norms of a convolution / linear layer
+# --------------------------------------------------------------------------------------------------
+def per_sample_sq_norms(a: torch.Tensor, g: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """Squared Frobenius norm of each sample's weight gradient of a 2-d convolution (groups 1):
+
+        G_b = g_b (P, OH*OW) @ unfold(a_b)^T (OH*OW, C*KH*KW),   returns ||G_b||^2 for b < B
+
+    with ``a`` (B, C, H, W) the layer input and ``g`` (B, P, OH, OW) the output gradient (a linear
+    layer is the 1x1 case). float32 accumulation (float64 for float64 inputs). Forms every ``G_b``:
+    this is the oracle, the Triton kernel reduces them in registers instead.
+    """
+    acc = torch.float64 if torch.float64 in (a.dtype, g.dtype) else torch.float32
+    columns = torch.nn.functional.unfold(a.to(acc), tuple(kernel_size), dilation=tuple(dilation),
+                                         padding=tuple(padding), stride=tuple(stride))  # (B, D, T)
+    per_sample = torch.bmm(g.to(acc).reshape(g.shape[0], g.shape[1], -1), columns.transpose(1, 2))
+    return per_sample.square().sum(dim=(1, 2))
+
+
+# --------------------------------------------------------------------------------------------------
 # Op 2: multi-tensor clip + noise + update
 # --------------------------------------------------------------------------------------------------
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
