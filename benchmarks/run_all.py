@@ -3,7 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = ("bench_masked_cross_entropy.py", "bench_clip_noise_step.py", "bench_dpsgd_step.py")
+SCRIPTS = ("bench_masked_cross_entropy.py", "bench_clip_noise_step.py", "bench_per_sample_norms.py",
+           "bench_dpsgd_step.py")
 
 
 def main() -> int:

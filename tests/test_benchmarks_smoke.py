@@ -11,6 +11,7 @@ BENCH = Path(__file__).parent.parent / "benchmarks"
 @pytest.mark.parametrize("script,args", [
     ("bench_masked_cross_entropy.py", ["--no-save"]),
     ("bench_clip_noise_step.py", ["--no-save"]),
+    ("bench_per_sample_norms.py", ["--no-save"]),
     ("bench_dpsgd_step.py", ["--size", "16", "--channels", "8", "--out", "{tmp}"]),
 ])
 def test_benchmark_quick_mode_runs(script, args, tmp_path):
