@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from hypothesis import Phase, settings
@@ -68,3 +71,13 @@ def examples(backend: str) -> settings:
     if backend == "triton":
         return settings(max_examples=8, phases=[Phase.explicit, Phase.reuse, Phase.generate])
     return settings()
+
+
+def traced_graph(op: str, backend: str) -> str:
+    """The functionalized graph of ``op`` on (fake) CUDA tensors, traced in a fresh interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYUNLEARN_BACKEND"] = backend
+    script = Path(__file__).parent / "scripts" / "trace_op_graph.py"
+    done = subprocess.run([sys.executable, str(script), op], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pyunlearn.ops as ops
-from backends import BACKENDS, device_of, examples, forced, to_backend
+from backends import BACKENDS, device_of, examples, forced, to_backend, traced_graph
 from pyunlearn.ops import _extension, _registry
 from pyunlearn.ops import reference as ref
 
@@ -277,25 +273,15 @@ def test_torch_compile_traces_the_op(compile_backend):
         assert any("tanh" in target for target in traced), traced
 
 
-def _traced_graph(backend: str) -> str:
-    """The functionalized graph of the op on (fake) CUDA tensors, traced in a fresh interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYUNLEARN_BACKEND"] = backend
-    script = Path(__file__).parent / "scripts" / "trace_masked_ce_graph.py"
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_compiler_sees_the_triton_kernels_when_triton_runs_the_op():
     # With Triton selected for CUDA tensors, AOTAutograd (torch.compile) replaces the op by the Triton
     # kernels themselves (torch.library.triton_op + wrap_triton); with another backend it stays one
     # opaque op.
-    graph = _traced_graph("triton")
+    graph = traced_graph("masked_cross_entropy", "triton")
     assert graph.count("triton_kernel_wrapper_functional(") == 2, graph
     assert "torch.ops.pyunlearn.masked_cross_entropy.default" not in graph, graph
-    graph = _traced_graph("reference")
+    graph = traced_graph("masked_cross_entropy", "reference")
     assert "torch.ops.pyunlearn.masked_cross_entropy.default" in graph, graph
     assert "triton_kernel_wrapper" not in graph, graph
 

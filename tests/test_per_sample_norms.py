@@ -2,6 +2,8 @@
 every live backend against a float64 oracle, and the fused path inside ``PerSampleGradients``."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from hypothesis import given
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pyunlearn.ops as ops
-from backends import BACKENDS, device_of, examples, forced, to_backend
+from backends import BACKENDS, device_of, examples, forced, to_backend, traced_graph
 from pyunlearn.ops import reference as ref
 from pyunlearn.per_sample import PerSampleGradients
 
@@ -143,3 +145,10 @@ def _copy_of(model: nn.Module) -> nn.Module:
     clone = _Decoder()
     clone.load_state_dict(model.state_dict())
     return clone
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_compiler_sees_the_triton_kernel():
+    graph = traced_graph("per_sample_sq_norms", "triton")
+    assert graph.count("triton_kernel_wrapper_functional(") == 1, graph
+    assert "unfold" not in graph and "bmm" not in graph, graph
