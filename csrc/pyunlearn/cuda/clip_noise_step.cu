@@ -280,6 +280,15 @@ at::Tensor sumsq_partials(const Plan& plan, bool of_grads) {
   return partial;
 }
 
+Args make_args(double lr, double weight_decay, double sigma, int64_t seed, int64_t step, int64_t stream = 0) {
+  Args a;
+  a.lr = static_cast<float>(lr);
+  a.wd = static_cast<float>(weight_decay);
+  a.sigma = static_cast<float>(sigma);
+  a.key = key_of(seed, step, stream);
+  return a;
+}
+
 at::Tensor zero_norm(const at::Device& device) {
   return at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
 }
@@ -292,11 +301,7 @@ at::Tensor gradient_clipping_step(const std::vector<at::Tensor>& params, const s
   const c10::cuda::CUDAGuard guard(cuda_device(params, "gradient_clipping_step_"));
   const Plan plan = make_plan(params, &grads, "gradient_clipping_step_");
   if (plan.blocks == 0) return zero_norm(plan.device);
-  Args a;
-  a.lr = static_cast<float>(lr);
-  a.wd = static_cast<float>(weight_decay);
-  a.sigma = static_cast<float>(sigma);
-  a.key = key_of(seed, step, 0);
+  const Args a = make_args(lr, weight_decay, sigma, seed, step);
   const at::Tensor norm = finalize_norm(plan, sumsq_partials(plan, /*of_grads=*/true), max_grad_norm);
   launch_update<Kind::kGradClip>(plan, norm.data_ptr<float>() + 1, a, nullptr);
   return norm[0];
@@ -308,14 +313,10 @@ at::Tensor model_clipping_step(const std::vector<at::Tensor>& params, const std:
   const c10::cuda::CUDAGuard guard(cuda_device(params, "model_clipping_step_"));
   const Plan plan = make_plan(params, &grads, "model_clipping_step_");
   if (plan.blocks == 0) return zero_norm(plan.device);
-  Args a;
-  a.lr = static_cast<float>(lr);
-  a.wd = static_cast<float>(weight_decay);
-  a.key = key_of(seed, step, 0);
+  const Args a = make_args(lr, weight_decay, sigma, seed, step);  // the descent pass draws no noise
   at::Tensor partial = at::empty({plan.blocks}, at::TensorOptions().dtype(at::kFloat).device(plan.device));
   launch_update<Kind::kModelUpdate>(plan, nullptr, a, partial.data_ptr<float>());
   const at::Tensor norm = finalize_norm(plan, partial, max_model_norm);
-  a.sigma = static_cast<float>(sigma);
   launch_update<Kind::kScale>(plan, norm.data_ptr<float>() + 1, a, nullptr);
   return norm[0];
 }
@@ -325,12 +326,8 @@ void dpsgd_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   const c10::cuda::CUDAGuard guard(cuda_device(params, "dpsgd_step_"));
   const Plan plan = make_plan(params, &grads, "dpsgd_step_");
   if (plan.blocks == 0) return;
-  Args a;
-  a.lr = static_cast<float>(lr);
-  a.wd = static_cast<float>(weight_decay);
-  a.sigma = noise_std > 0.0 ? static_cast<float>(noise_std) : 0.0f;
+  Args a = make_args(lr, weight_decay, noise_std > 0.0 ? noise_std : 0.0, seed, step);
   a.ebs = static_cast<float>(expected_batch_size);
-  a.key = key_of(seed, step, 0);
   launch_update<Kind::kDpsgd>(plan, nullptr, a, nullptr);
 }
 
@@ -339,10 +336,7 @@ void add_noise(const std::vector<at::Tensor>& params, double sigma, int64_t seed
   const c10::cuda::CUDAGuard guard(cuda_device(params, "add_noise_"));
   const Plan plan = make_plan(params, nullptr, "add_noise_");
   if (plan.blocks == 0) return;
-  Args a;
-  a.sigma = static_cast<float>(sigma);
-  a.key = key_of(seed, step, stream);
-  launch_update<Kind::kNoise>(plan, nullptr, a, nullptr);
+  launch_update<Kind::kNoise>(plan, nullptr, make_args(0.0, 0.0, sigma, seed, step, stream), nullptr);
 }
 
 at::Tensor global_norm(const std::vector<at::Tensor>& tensors) {
