@@ -8,9 +8,9 @@ backward pass a hook on the layer's output keeps the output gradient ``g``. From
   all trainable parameters. For a layer whose per-sample gradient is ``g_iᵀ a_i`` with ``T`` positions
   (tokens, pixels), ``p`` outputs and ``d`` inputs, the *ghost norm*
   ``‖g_iᵀ a_i‖² = Σ_{t,t'} (a_t·a_t')(g_t·g_t')`` is used when ``2T² ≤ p·d`` (no per-sample weight);
-  otherwise, where the Triton backend runs (GPU), the fused kernel
-  :func:`pyunlearn.ops.per_sample_sq_norms` reduces each sample's weight gradient to its norm in
-  registers (Linear, Conv1d and Conv2d with one group; no per-sample gradient is written), and
+  otherwise, on a GPU, the fused kernel
+  :func:`pyunlearn.ops.per_sample_sq_norms` (CUDA or Triton) reduces each sample's weight gradient to
+  its norm in registers (Linear, Conv1d and Conv2d with one group; no per-sample gradient is written), and
   elsewhere that layer's per-sample gradients are formed a few samples at a time (``chunk_bytes``) and
   reduced to norms. A convolution whose whole batch fit in one chunk keeps them until
   :meth:`~PerSampleGradients.clipped_sum_`, which then sums them instead of redoing the weight gradient. For convolutions the per-sample
@@ -139,11 +139,10 @@ def _bcast(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _in_registers(t: torch.Tensor) -> bool:
-    """Whether per-sample weight-gradient norms of ``t``'s layer are computed by the fused kernel
-    (``pyunlearn.ops.per_sample_sq_norms`` on Triton: no per-sample gradient is written) rather than
-    from per-sample gradients formed a chunk of samples at a time."""
-    return t.dtype != torch.float64 and ops.select_backend("per_sample_sq_norms", t.device,
-                                                           has_cuda=False) == "triton"
+    """Whether per-sample weight-gradient norms of ``t``'s layer are computed by a fused kernel
+    (``pyunlearn.ops.per_sample_sq_norms`` on CUDA or Triton: no per-sample gradient is written) rather
+    than from per-sample gradients formed a chunk of samples at a time."""
+    return ops.per_sample_norms_backend(t, t) != "reference"
 
 
 def _chunks(batch: int, bytes_per_sample: int, budget: int) -> Iterator[slice]:

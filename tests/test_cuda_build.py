@@ -80,7 +80,7 @@ def test_cuda_sources_and_bindings_compile(tmp_path):
 
 def test_registry_calls_only_bound_cuda_kernels():
     # The CUDA entry points cannot be imported without a CUDA build, so check by name: every
-    # ``cuda_<name>`` the registry calls is bound in bindings.cpp, next to its CPU twin ``<name>``.
+    # ``cuda_<name>`` the registry calls is bound in bindings.cpp, next to its CPU twin ``<name>`` if any.
     bindings = (ROOT / "csrc" / "pyunlearn" / "bindings.cpp").read_text()
     registry = (ROOT / "pyunlearn" / "ops" / "_registry.py").read_text()
     bound = set(re.findall(r'm\.def\(\s*"(\w+)"', bindings))
@@ -88,4 +88,5 @@ def test_registry_calls_only_bound_cuda_kernels():
     used = {f"cuda_{name}" for name in re.findall(r'_compiled\(\w+, "(\w+)"\)', registry)}
     used |= set(re.findall(r"\.(cuda_\w+)\(", registry))
     assert used and used <= cuda_bound, used - cuda_bound
-    assert {name[len("cuda_"):] for name in cuda_bound} <= bound - cuda_bound
+    cuda_only = {"per_sample_sq_norms"}  # op 3 has no C++ CPU kernel (ATen's grouped convolution serves)
+    assert {name[len("cuda_"):] for name in cuda_bound} - cuda_only <= bound - cuda_bound

@@ -126,7 +126,7 @@ def _per_sample_run(backend: str, model: nn.Module, x: torch.Tensor):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-def test_per_sample_gradients_use_the_fused_norms_where_triton_runs(backend, monkeypatch):
+def test_per_sample_gradients_use_the_fused_norms_on_gpu_backends(backend, monkeypatch):
     torch.manual_seed(0)
     model, x = _Decoder(), torch.randn(3, 3, 9, 9)
     calls = []
@@ -135,7 +135,7 @@ def test_per_sample_gradients_use_the_fused_norms_where_triton_runs(backend, mon
     expected_norms, expected_grads = _per_sample_run("reference", _copy_of(model), x)
     assert not calls  # the reference path forms per-sample gradients instead
     norms, grads = _per_sample_run(backend, _copy_of(model), x)
-    assert len(calls) == (3 if backend == "triton" else 0)  # conv, conv1d and linear weights
+    assert len(calls) == (3 if backend in ("triton", "cuda") else 0)  # conv, conv1d and linear weights
     torch.testing.assert_close(norms, expected_norms, rtol=2e-5, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=2e-5, atol=1e-6)

@@ -243,6 +243,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_add_noise_", &cuda::add_noise, py::arg("params"), py::arg("sigma"), py::arg("seed"), py::arg("step"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("cuda_global_norm", &cuda::global_norm, py::arg("tensors"), py::call_guard<py::gil_scoped_release>());
+  m.def("cuda_per_sample_sq_norms", &cuda::per_sample_sq_norms, py::arg("a"), py::arg("g"), py::arg("kernel_size"),
+        py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "cuda_gaussian_noise",
       [](int64_t numel, int64_t seed, int64_t step, int64_t offset, int64_t stream, int64_t device_index) {

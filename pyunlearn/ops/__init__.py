@@ -25,6 +25,7 @@ from ._registry import (  # noqa: F401
     gradient_clipping_op,
     masked_cross_entropy_op,
     model_clipping_op,
+    per_sample_norms_backend,
     per_sample_sq_norms,
     select_backend,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "masked_cross_entropy",
     "masked_cross_entropy_fwd_bwd",
     "model_clipping_step_",
+    "per_sample_norms_backend",
     "per_sample_sq_norms",
     "select_backend",
 ]

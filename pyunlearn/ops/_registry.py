@@ -120,11 +120,10 @@ def _unavailable(name: str) -> str:
     return package.unavailable_reason() or "unknown reason"
 
 
-def select_backend(op: str, device: torch.device, *, has_triton: bool = True, has_cuda: bool = True) -> str:
+def select_backend(op: str, device: torch.device, *, has_triton: bool = True) -> str:
     """The backend that runs ``op`` on ``device`` now (forced by ``PYUNLEARN_BACKEND``, else automatic).
 
-    ``has_triton=False`` / ``has_cuda=False`` for ops without a Triton launcher / CUDA C++ kernel (they
-    use the reference when that backend is forced, and skip it in the automatic choice).
+    ``has_triton=False`` for ops without a Triton launcher (they use the reference under Triton).
     """
     forced = forced_backend()
     if forced is not None:
@@ -138,8 +137,6 @@ def select_backend(op: str, device: torch.device, *, has_triton: bool = True, ha
                 raise RuntimeError(f"{_ENV}=cuda but {_unavailable('cuda')}")
             if device.type != "cuda":
                 raise RuntimeError(f"{_ENV}=cuda runs CUDA tensors only; {op} got tensors on {device}")
-            if not has_cuda:
-                return "reference"
         elif forced == "triton":
             if not _triton_available():
                 raise RuntimeError(f"{_ENV}=triton but the Triton backend is unavailable: {_unavailable('triton')}")
@@ -151,7 +148,7 @@ def select_backend(op: str, device: torch.device, *, has_triton: bool = True, ha
     if device.type == "cpu":
         return "cpp" if _cpp() is not None else "reference"
     if device.type == "cuda":
-        if has_cuda and _cuda_available():
+        if _cuda_available():
             return "cuda"
         if has_triton and _triton_available() and not _triton_interpreting():
             return "triton"
@@ -411,13 +408,25 @@ def gaussian_noise(numel: int, *, seed: int, step: int, offset: int = 0, stream:
 def per_sample_sq_norms(a: Tensor, g: Tensor, *, kernel_size: Sequence[int], stride: Sequence[int],
                         padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
     """Per-sample squared weight-gradient norms of a 2-d convolution (``reference.per_sample_sq_norms``):
-    Triton where it runs (reduced in registers, no per-sample gradient written), else the reference.
-    float64 inputs always take the reference (the kernel accumulates in float32)."""
+    on a GPU the CUDA or Triton kernel (each sample's gradient reduced in registers, none written), else
+    the reference. float64 inputs always take the reference (the kernels accumulate in float32)."""
     kw = dict(kernel_size=list(kernel_size), stride=list(stride), padding=list(padding), dilation=list(dilation))
-    backend = select_backend("per_sample_sq_norms", a.device, has_cuda=False)
-    if backend == "triton" and torch.float64 not in (a.dtype, g.dtype):
+    backend = per_sample_norms_backend(a, g)
+    if backend == "triton":
         return _triton_fn("per_sample_sq_norms")(a, g, **kw)
+    if backend == "cuda":
+        return _cpp().cuda_per_sample_sq_norms(a, g, **kw)
     return _ref.per_sample_sq_norms(a, g, **kw)
+
+
+def per_sample_norms_backend(a: Tensor, g: Tensor) -> str:
+    """The backend of :func:`per_sample_sq_norms` for these inputs: ``cuda``, ``triton`` (fused kernels) or
+    ``reference``. There is no C++ CPU kernel: on the CPU, ``PerSampleGradients`` forms per-sample
+    gradients with ATen's grouped convolution instead."""
+    backend = select_backend("per_sample_sq_norms", a.device)
+    if backend in ("cuda", "triton") and torch.float64 not in (a.dtype, g.dtype) and a.dtype == g.dtype:
+        return backend
+    return "reference"
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:

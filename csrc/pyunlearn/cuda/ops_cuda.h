@@ -32,6 +32,10 @@ void add_noise(const std::vector<at::Tensor>& params, double sigma, int64_t seed
 
 at::Tensor global_norm(const std::vector<at::Tensor>& tensors);
 
+at::Tensor per_sample_sq_norms(const at::Tensor& a, const at::Tensor& g, std::vector<int64_t> kernel_size,
+                               std::vector<int64_t> stride, std::vector<int64_t> padding,
+                               std::vector<int64_t> dilation);
+
 at::Tensor gaussian_noise(int64_t numel, int64_t seed, int64_t step, int64_t offset, int64_t stream,
                           const at::Device& device);
 
