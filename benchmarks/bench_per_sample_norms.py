@@ -5,13 +5,14 @@ Providers:
 
 * ``reference``      ``pyunlearn.ops.reference.per_sample_sq_norms``: unfold + batched matmul (forms the
   im2col buffer and every per-sample gradient);
-* ``grouped_conv``   the path ``PerSampleGradients`` takes without Triton: per-sample gradients from one
-  grouped weight-gradient convolution (batch folded into the groups), then their norms;
-* ``triton``         the fused kernel, per-sample gradients reduced in registers (GPU);
+* ``grouped_conv``   what ``PerSampleGradients`` does on the CPU, and on a GPU while the batch's per-sample
+  gradients fit in one chunk: per-sample gradients from one grouped weight-gradient convolution (batch
+  folded into the groups), then their norms;
+* ``cuda``, ``triton``  the fused kernels, per-sample gradients reduced in registers (GPU);
 * ``weight_grad``    one ordinary (non-private) weight-gradient convolution of the batch: the cost floor.
 
-Timing rounds are interleaved across providers. Reported: median and IQR (ms), peak extra memory on
-GPU, and the ratio to ``weight_grad``. Results: ``benchmarks/results/bench_per_sample_norms-*``.
+Timing rounds are interleaved across providers. Reported: median and IQR (ms) and the ratio to
+``weight_grad``. Results: ``benchmarks/results/bench_per_sample_norms-*``.
 
     python benchmarks/bench_per_sample_norms.py [--quick] [--threads N]
 """
@@ -56,8 +57,9 @@ def main() -> None:
             "weight_grad": lambda: _conv_weight_grad(a_padded, grad, tuple(layer.weight.shape), 1, conv_args,
                                                      bias=False),
         }
-        if "triton" in _common.kernel_backends(device):
-            providers["triton"] = _common.forced("triton", lambda: ops.per_sample_sq_norms(a, grad, **CONV))
+        fused = lambda: ops.per_sample_sq_norms(a, grad, **CONV)  # noqa: E731
+        for backend in (b for b in _common.kernel_backends(device) if b != "cpp"):
+            providers[backend] = _common.forced(backend, fused)
         times = _common.time_interleaved(providers, device=device, repeats=repeats)
         floor = _common.summarize(times["weight_grad"])["median_ms"]
         for provider, seconds in times.items():

@@ -8,7 +8,7 @@ backward pass a hook on the layer's output keeps the output gradient ``g``. From
   all trainable parameters. For a layer whose per-sample gradient is ``g_iᵀ a_i`` with ``T`` positions
   (tokens, pixels), ``p`` outputs and ``d`` inputs, the *ghost norm*
   ``‖g_iᵀ a_i‖² = Σ_{t,t'} (a_t·a_t')(g_t·g_t')`` is used when ``2T² ≤ p·d`` (no per-sample weight);
-  otherwise, on a GPU, the fused kernel
+  otherwise, on a GPU and when the batch's per-sample gradients exceed ``chunk_bytes``, the fused kernel
   :func:`pyunlearn.ops.per_sample_sq_norms` (CUDA or Triton) reduces each sample's weight gradient to
   its norm in registers (Linear, Conv1d and Conv2d with one group; no per-sample gradient is written), and
   elsewhere that layer's per-sample gradients are formed a few samples at a time (``chunk_bytes``) and
@@ -138,11 +138,16 @@ def _bcast(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return c.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-def _in_registers(t: torch.Tensor) -> bool:
-    """Whether per-sample weight-gradient norms of ``t``'s layer are computed by a fused kernel
+def _fused_norms(t: torch.Tensor, bytes_per_sample: int, budget: int) -> bool:
+    """Whether the per-sample weight-gradient norms of ``t``'s layer come from a fused kernel
     (``pyunlearn.ops.per_sample_sq_norms`` on CUDA or Triton: no per-sample gradient is written) rather
-    than from per-sample gradients formed a chunk of samples at a time."""
-    return ops.per_sample_norms_backend(t, t) != "reference"
+    than from per-sample gradients formed a chunk of samples at a time.
+
+    NOTE: only when the batch's per-sample gradients exceed one chunk (``chunk_bytes``). Below that,
+    forming them is one grouped convolution whose result ``clipped_sum_`` reuses, and the fused kernels
+    (one program per sample and weight tile, positions walked serially) have little parallelism.
+    Not tuned on a GPU (none was available)."""
+    return t.shape[0] * bytes_per_sample > budget and ops.per_sample_norms_backend(t, t) != "reference"
 
 
 def _chunks(batch: int, bytes_per_sample: int, budget: int) -> Iterator[slice]:
@@ -190,7 +195,7 @@ class _LinearRule(_Rule):
                 aa = torch.bmm(a, a.transpose(1, 2))
                 gg = torch.bmm(g, g.transpose(1, 2))
                 total += (aa * gg).sum(dim=(1, 2), dtype=acc)
-            elif _in_registers(a):  # a 1x1 convolution over the tokens: (B, d, 1, T) and (B, p, 1, T) views
+            elif _fused_norms(a, p * d * a.element_size(), budget):  # 1x1 conv over tokens: (B, d, 1, T), (B, p, 1, T)
                 total += ops.per_sample_sq_norms(a.transpose(1, 2).unsqueeze(2), g.transpose(1, 2).unsqueeze(2),
                                                  kernel_size=(1, 1), stride=(1, 1), padding=(0, 0),
                                                  dilation=(1, 1)).to(acc)
@@ -340,9 +345,10 @@ class _ConvRule(_Rule):
         return 2 * t * t <= layer.out_channels * d
 
     @staticmethod
-    def _fused_ok(layer, prepared, method) -> bool:
+    def _fused_ok(layer, prepared, method, budget) -> bool:
+        a = prepared[0][0]
         return (method != "ghost" and len(prepared) == 1 and type(layer) in (nn.Conv1d, nn.Conv2d)
-                and layer.groups == 1 and _in_registers(prepared[0][0]))
+                and layer.groups == 1 and _fused_norms(a, layer.weight.numel() * a.element_size(), budget))
 
     @staticmethod
     def _as_2d(layer, a, g, args):
@@ -386,7 +392,7 @@ class _ConvRule(_Rule):
         if want_w and self._ghost_ok(layer, prepared, method):
             total += self._ghost_sq(layer, *prepared[0])
             want_w = False
-        elif want_w and self._fused_ok(layer, prepared, method):
+        elif want_w and self._fused_ok(layer, prepared, method, budget):
             total += self._fused_sq(layer, *prepared[0]).to(acc)
             want_w = False
         if not want_w:

@@ -93,13 +93,39 @@ def test_outputs_do_not_show_stale_memory(backend):
         torch.testing.assert_close(got, ref.per_sample_sq_norms(a, g, **case["conv"]), rtol=2e-5, atol=0)
 
 
-def test_float64_inputs_use_the_reference():
-    a, g = torch.randn(2, 3, 5, 5, dtype=torch.float64), torch.randn(2, 4, 5, 5, dtype=torch.float64)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_inputs_use_the_reference(backend):
+    a, g = to_backend(backend, (torch.randn(2, 3, 5, 5, dtype=torch.float64), torch.randn(2, 4, 5, 5, dtype=torch.float64)))
     conv = dict(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1))
-    for backend in BACKENDS:
-        with forced(backend):
-            if device_of(backend).type == "cpu":
-                assert torch.equal(ops.per_sample_sq_norms(a, g, **conv), ref.per_sample_sq_norms(a, g, **conv))
+    with forced(backend):
+        got = ops.per_sample_sq_norms(a, g, **conv)
+    assert got.dtype == torch.float64 and torch.equal(got, ref.per_sample_sq_norms(a, g, **conv))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    g = torch.Generator().manual_seed(5)
+    a, grad = to_backend(backend, (torch.randn(2, 3, 6, 5, generator=g), torch.randn(2, 4, 3, 5, generator=g)))
+    with forced(backend):
+        torch.library.opcheck(ops.per_sample_sq_norms_op, (a, grad, [3, 1], [2, 1], [1, 0], [1, 1]))
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(a=torch.zeros(2, 3, 5)), ValueError, "a must be a 4-d floating-point tensor"),
+    (dict(g=torch.zeros(2, 4, 5, 5, dtype=torch.long)), ValueError, "g must be a 4-d floating-point tensor"),
+    (dict(g=torch.zeros(3, 4, 5, 5)), ValueError, "a has 2 samples but g has 3"),
+    (dict(g=torch.zeros(2, 4, 7, 7)), ValueError, r"maps a's \(5, 5\) positions to \(5, 5\), but g has \(7, 7\)"),
+    (dict(kernel_size=(3,)), ValueError, "kernel_size must be two ints >= 1"),
+    (dict(stride=(0, 1)), ValueError, "stride must be two ints >= 1"),
+    (dict(padding=3), TypeError, "padding must be a pair of ints"),
+    (dict(a="x"), TypeError, "a must be a torch.Tensor"),
+])
+def test_validation_errors(change, error, match):
+    args = dict(a=torch.zeros(2, 3, 5, 5), g=torch.zeros(2, 4, 5, 5), kernel_size=(3, 3), stride=(1, 1),
+                padding=(1, 1), dilation=(1, 1))
+    args.update(change)
+    with pytest.raises(error, match=match):
+        ops.per_sample_sq_norms(args.pop("a"), args.pop("g"), **args)
 
 
 # ------------------------------------------------------------------------- inside PerSampleGradients
@@ -116,9 +142,11 @@ class _Decoder(nn.Module):
         return self.linear(y.transpose(1, 2))  # (B, 25, 4): 25 tokens
 
 
-def _per_sample_run(backend: str, model: nn.Module, x: torch.Tensor):
-    model = to_backend(backend, model)
-    with forced(backend), PerSampleGradients(model, norm_method="per_sample") as psg:
+def _per_sample_run(backend: str, model: nn.Module, x: torch.Tensor, chunk_bytes: int = 1):
+    # chunk_bytes=1: per-sample gradients never fit one chunk, so GPU backends take the fused kernels.
+    model = model.to(device_of(backend))
+    with forced(backend), torch.backends.cudnn.flags(enabled=True, allow_tf32=False), \
+            PerSampleGradients(model, norm_method="per_sample", chunk_bytes=chunk_bytes) as psg:
         model(to_backend(backend, x)).square().sum(dim=(1, 2)).sum().backward()
         norms = psg.per_sample_norms()
         psg.clipped_sum_(max_grad_norm=0.5)
@@ -139,6 +167,21 @@ def test_per_sample_gradients_use_the_fused_norms_on_gpu_backends(backend, monke
     torch.testing.assert_close(norms, expected_norms, rtol=2e-5, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=2e-5, atol=1e-6)
+    calls.clear()
+    _per_sample_run(backend, _copy_of(model), x, chunk_bytes=2**26)  # small layers: per-sample gradients kept
+    assert not calls
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton", "cpp"])
+def test_forced_backends_never_break_per_sample_gradients(backend):
+    # On CPU tensors a forced GPU backend (or one without this kernel) means the module's own path, not an error.
+    torch.manual_seed(1)
+    model, x = _Decoder(), torch.randn(2, 3, 9, 9)
+    with forced(backend), PerSampleGradients(model, norm_method="per_sample", chunk_bytes=1) as psg:
+        model(x).square().sum(dim=(1, 2)).sum().backward()
+        norms = psg.per_sample_norms()
+    expected, _ = _per_sample_run("reference", _copy_of(model), x)
+    torch.testing.assert_close(norms, expected, rtol=2e-5, atol=0)
 
 
 def _copy_of(model: nn.Module) -> nn.Module:
@@ -152,3 +195,5 @@ def test_compiler_sees_the_triton_kernel():
     graph = traced_graph("per_sample_sq_norms", "triton")
     assert graph.count("triton_kernel_wrapper_functional(") == 1, graph
     assert "unfold" not in graph and "bmm" not in graph, graph
+    graph = traced_graph("per_sample_sq_norms", "reference")
+    assert "torch.ops.pyunlearn.per_sample_sq_norms.default" in graph and "triton_kernel" not in graph, graph

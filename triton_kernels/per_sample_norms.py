@@ -40,8 +40,9 @@ def _per_sample_sq_norm_kernel(
     n_tiles, n_tiles_d,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
+    pid = tl.program_id(0)
+    b = (pid // n_tiles).to(tl.int64)
+    tile = pid % n_tiles
     offs_p = (tile // n_tiles_d) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = (tile % n_tiles_d) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_p = offs_p < P
@@ -65,7 +66,7 @@ def _per_sample_sq_norm_kernel(
         a_tile = tl.load(a_base + c[None, :] * stride_ac + ih * stride_ah + iw * stride_aw,
                          mask=inside, other=0.0).to(tl.float32)  # (T, D)
         acc += tl.dot(g_tile, a_tile, input_precision="ieee")
-    tl.store(partial_ptr + b * n_tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    tl.store(partial_ptr + pid, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
 @triton_op("pyunlearn::per_sample_sq_norms_triton", mutates_args=())
@@ -83,7 +84,8 @@ def per_sample_sq_norms(a: torch.Tensor, g: torch.Tensor, kernel_size: list[int]
     partial = torch.empty((B, n_tiles), dtype=torch.float32, device=a.device)
     if B == 0 or n_tiles == 0:
         return partial.sum(dim=1)
-    wrap_triton(_per_sample_sq_norm_kernel)[(B, n_tiles)](
+    # One flat grid axis: axes 1 and 2 are limited to 65535 programs.
+    wrap_triton(_per_sample_sq_norm_kernel)[(B * n_tiles,)](
         a, g, partial,
         C, H, W, P, OW, OH * OW, KH, KW,
         a.stride(0), a.stride(1), a.stride(2), a.stride(3),

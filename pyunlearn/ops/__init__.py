@@ -1,4 +1,4 @@
-"""Hot-path ops: fused masked cross-entropy and multi-tensor clip + noise + update steps.
+"""Hot-path ops: fused masked cross-entropy, multi-tensor clip + noise + update steps, per-sample norms.
 
 Every op has a pure-PyTorch reference (:mod:`pyunlearn.ops.reference`, the oracle); the functions here
 run it through the ``pyunlearn::*`` torch.library ops, which dispatch to the fastest live backend
@@ -26,7 +26,7 @@ from ._registry import (  # noqa: F401
     masked_cross_entropy_op,
     model_clipping_op,
     per_sample_norms_backend,
-    per_sample_sq_norms,
+    per_sample_sq_norms_op,
     select_backend,
 )
 from .rng import STREAM_INIT, STREAM_UPDATE  # noqa: F401
@@ -47,6 +47,7 @@ __all__ = [
     "model_clipping_step_",
     "per_sample_norms_backend",
     "per_sample_sq_norms",
+    "per_sample_sq_norms_op",
     "select_backend",
 ]
 
@@ -131,9 +132,10 @@ def masked_cross_entropy_fwd_bwd(logits: Tensor, target: Tensor, mask: Tensor,
     K >= 2 softmax CE; accumulation float32 (float64 for float64 logits); the gradient has the dtype of
     ``logits`` and is contiguous.
 
-    Targets must lie in ``[0, K)`` (``pyunlearn.losses`` checks them). Here they are not checked up
-    front: the C++ kernel raises ``IndexError``, while the GPU kernels (CUDA, Triton), which cannot
-    raise without a device synchronisation, return NaN as the loss of any sample that has one.
+    Targets must lie in ``[0, K)`` for K >= 2 and in {0, 1} for K == 1; :func:`pyunlearn.losses.masked_cross_entropy`
+    checks them, this function does not. For K >= 2 an out-of-range target makes the C++ kernel raise
+    ``IndexError``, and the GPU kernels (CUDA, Triton), which cannot raise without a device
+    synchronisation, return NaN as the loss of its sample. For K == 1 no backend detects one.
     """
     _check_masked_ce(logits, target, mask, weight)
     return masked_cross_entropy_op(logits, target, mask, weight)
@@ -196,3 +198,42 @@ def add_noise_(params: Sequence[Tensor], *, sigma: float, seed: int, step: int, 
         return
     with torch.no_grad():
         add_noise_op(ps, sigma=float(sigma), seed=seed, step=step, stream=stream)
+
+
+# --------------------------------------------------------------------------------------------------
+# Op 3: per-sample weight-gradient norms of a convolution
+# --------------------------------------------------------------------------------------------------
+def _pair_of(value, name: str, minimum: int) -> list[int]:
+    try:
+        pair = list(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a pair of ints, got {value!r}") from None
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair):
+        raise ValueError(f"{name} must be two ints >= {minimum}, got {value!r}")
+    return pair
+
+
+def per_sample_sq_norms(a: Tensor, g: Tensor, *, kernel_size: Sequence[int], stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """``(B,)`` squared Frobenius norms of the per-sample weight gradients of a 2-d convolution (groups 1)
+    with input ``a`` ``(B, C, H, W)`` and output gradient ``g`` ``(B, P, OH, OW)``; a linear layer is the
+    1x1 case. On a GPU a fused kernel (CUDA or Triton) reduces each sample's gradient in registers;
+    see :func:`pyunlearn.ops.reference.per_sample_sq_norms` for the contract."""
+    for name, t in (("a", a), ("g", g)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"per_sample_sq_norms: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4 or not t.is_floating_point():
+            raise ValueError(f"per_sample_sq_norms: {name} must be a 4-d floating-point tensor, got shape "
+                             f"{tuple(t.shape)} and dtype {t.dtype}")
+    if g.device != a.device:
+        raise ValueError(f"per_sample_sq_norms: g is on {g.device} but a is on {a.device}")
+    if g.shape[0] != a.shape[0]:
+        raise ValueError(f"per_sample_sq_norms: a has {a.shape[0]} samples but g has {g.shape[0]}")
+    conv = dict(kernel_size=_pair_of(kernel_size, "kernel_size", 1), stride=_pair_of(stride, "stride", 1),
+                padding=_pair_of(padding, "padding", 0), dilation=_pair_of(dilation, "dilation", 1))
+    out = tuple((a.shape[2 + i] + 2 * conv["padding"][i] - conv["dilation"][i] * (conv["kernel_size"][i] - 1) - 1)
+                // conv["stride"][i] + 1 for i in range(2))
+    if tuple(g.shape[2:]) != out:
+        raise ValueError(f"per_sample_sq_norms: this convolution maps a's {tuple(a.shape[2:])} positions to {out}, "
+                         f"but g has {tuple(g.shape[2:])}")
+    return per_sample_sq_norms_op(a, g, **conv)

@@ -21,7 +21,8 @@ CPU tensors needs ``TRITON_INTERPRET=1``.
 The compiled (C++ and CUDA) step kernels handle float32 parameters and gradients, the Triton ones
 float32 parameters; other dtypes run the reference (also when that backend is forced). Under
 ``torch.compile`` the ops are opaque calls with fake kernels, except that masked cross-entropy is
-decomposed into the Triton ``triton_op`` when Triton is the backend selected (``_mce_functional``).
+and per-sample norms are decomposed into their Triton ``triton_op`` when Triton is the backend selected
+(``_triton_decomposition``; the choice is then made when the graph is traced).
 The step ops stay opaque on purpose: their kernels reach the parameters through an address table,
 a mutation the compiler's kernel analysis cannot see. In the compiled paths non-contiguous
 parameters are updated through contiguous copies that are copied back, non-contiguous gradients are
@@ -30,6 +31,7 @@ read through contiguous copies, and logits are read in place with their strides.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from types import ModuleType
@@ -87,6 +89,13 @@ def _triton_interpreting() -> bool:
     if package is not None:
         return bool(package.interpreting())
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off", "no")
+
+
+def _run_triton(name: str, device: torch.device, *args, **kwargs):
+    """Eager call of the Triton launcher ``name`` with ``device`` current (Triton launches on the current
+    CUDA device, which need not be the tensors')."""
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _triton_fn(name)(*args, **kwargs)
 
 
 def _triton_fn(name: str) -> Callable:
@@ -181,7 +190,7 @@ def _mce_dispatch(logits: Tensor, target: Tensor, mask: Tensor, weight: Optional
     if backend == "reference":
         loss, grad = _ref.masked_cross_entropy_fwd_bwd(logits, target, mask, weight)
     elif backend == "triton":
-        loss, grad = _triton_fn("masked_cross_entropy_fwd_bwd")(logits, target, mask, weight)
+        loss, grad = _run_triton("masked_cross_entropy_fwd_bwd", logits.device, logits, target, mask, weight)
     else:
         loss, grad = _mce_compiled(backend, logits, target, mask, weight)
     # The op's contract (and its fake kernel): fresh, contiguous outputs.
@@ -223,19 +232,22 @@ def _mce_backward(ctx, grad_loss: Tensor, grad_grad: Optional[Tensor]):
 masked_cross_entropy_op.register_autograd(_mce_backward, setup_context=_mce_setup_context)
 
 
-def _mce_functional(mode, op, types, args, kwargs):
-    """Under functionalization (AOTAutograd, i.e. ``torch.compile``), replace the op by the Triton
-    ``triton_op`` when Triton is the backend selected for CUDA tensors, so that the compiler sees the
-    Triton kernels themselves; otherwise keep the op as it is (an opaque call)."""
-    logits = args[0]
-    if logits.device.type == "cuda" and select_backend("masked_cross_entropy", logits.device) == "triton":
-        triton_op = _triton_fn("masked_cross_entropy_op")
-        with mode:
-            return triton_op(*args, **kwargs)
-    return mode.__torch_dispatch__(op, types, args, kwargs)
+def _triton_decomposition(triton_name: str, runs_triton: Callable[..., bool]) -> Callable:
+    """A functionalization rule (AOTAutograd, i.e. ``torch.compile``): where ``runs_triton(*args)``, the op
+    is replaced by the Triton ``triton_op`` ``triton_name``, so that the compiler sees the Triton kernels
+    themselves; otherwise the op stays one opaque call. The backend is thus chosen when the graph is
+    traced, and a compiled graph keeps it."""
+    def rule(mode, op, types, args, kwargs):
+        if runs_triton(*args):
+            with mode:
+                return _triton_fn(triton_name)(*args, **kwargs)
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+    return rule
 
 
-masked_cross_entropy_op.register_torch_dispatch(FunctionalTensorMode, _mce_functional)
+masked_cross_entropy_op.register_torch_dispatch(FunctionalTensorMode, _triton_decomposition(
+    "masked_cross_entropy_op",
+    lambda logits, *_: logits.device.type == "cuda" and select_backend("masked_cross_entropy", logits.device) == "triton"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +288,7 @@ def _gradient_clipping_dispatch(params: list[Tensor], grads: list[Tensor], lr: f
     if backend == "reference":
         return _ref.gradient_clipping_step_(params, grads, **kw)
     if backend == "triton":
-        return _triton_fn("gradient_clipping_step_")(params, grads, **kw)
+        return _run_triton("gradient_clipping_step_", params[0].device, params, grads, **kw)
     kernel, gs = _compiled(backend, "gradient_clipping_step_"), _contiguous(grads)
     return _run_inplace(params, lambda ps: kernel(ps, gs, lr, max_grad_norm, weight_decay, sigma, seed, step))
 
@@ -288,7 +300,7 @@ def _model_clipping_dispatch(params: list[Tensor], grads: list[Tensor], lr: floa
     if backend == "reference":
         return _ref.model_clipping_step_(params, grads, **kw)
     if backend == "triton":
-        return _triton_fn("model_clipping_step_")(params, grads, **kw)
+        return _run_triton("model_clipping_step_", params[0].device, params, grads, **kw)
     kernel, gs = _compiled(backend, "model_clipping_step_"), _contiguous(grads)
     return _run_inplace(params, lambda ps: kernel(ps, gs, lr, max_model_norm, weight_decay, sigma, seed, step))
 
@@ -302,7 +314,7 @@ def _dpsgd_dispatch(params: list[Tensor], summed_clipped_grads: list[Tensor], lr
     if backend == "reference":
         _ref.dpsgd_step_(params, summed_clipped_grads, **kw)
     elif backend == "triton":
-        _triton_fn("dpsgd_step_")(params, summed_clipped_grads, **kw)
+        _run_triton("dpsgd_step_", params[0].device, params, summed_clipped_grads, **kw)
     else:
         kernel, gs = _compiled(backend, "dpsgd_step_"), _contiguous(summed_clipped_grads)
         std = noise_multiplier * max_grad_norm  # in double, as the reference
@@ -384,6 +396,60 @@ add_noise_op = _register_step("add_noise_", _add_noise_reference, _add_noise_dis
 
 
 # --------------------------------------------------------------------------------------------------
+# Op 3: per-sample weight-gradient norms of a convolution
+# --------------------------------------------------------------------------------------------------
+def _fusable(a: Tensor, g: Tensor) -> bool:
+    # The kernels accumulate in float32 and take one input dtype.
+    return a.dtype == g.dtype and a.dtype != torch.float64
+
+
+def per_sample_norms_backend(a: Tensor, g: Tensor) -> str:
+    """Where ``PerSampleGradients`` would compute per-sample norms of ``(a, g)`` with a fused kernel:
+    ``cuda`` or ``triton``, else ``reference`` (never raises: a forced backend that cannot run these
+    tensors, or that has no such kernel, means the module's own path). There is no C++ CPU kernel: on the
+    CPU, ``PerSampleGradients`` forms per-sample gradients with ATen's grouped convolution."""
+    try:
+        backend = select_backend("per_sample_sq_norms", a.device)
+    except RuntimeError:
+        return "reference"
+    return backend if backend in ("cuda", "triton") and _fusable(a, g) else "reference"
+
+
+def _psn_dispatch(a: Tensor, g: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                  dilation: list[int]) -> Tensor:
+    kw = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation)
+    backend = select_backend("per_sample_sq_norms", a.device)
+    if backend == "triton" and _fusable(a, g):
+        return _run_triton("per_sample_sq_norms", a.device, a, g, **kw)
+    if backend == "cuda" and _fusable(a, g):
+        return _cpp().cuda_per_sample_sq_norms(a, g, **kw)
+    return _ref.per_sample_sq_norms(a, g, **kw)
+
+
+@torch.library.custom_op("pyunlearn::per_sample_sq_norms", mutates_args=())
+def per_sample_sq_norms_op(a: Tensor, g: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                           dilation: list[int]) -> Tensor:
+    """(B,) squared per-sample weight-gradient norms; see ``pyunlearn.ops.reference.per_sample_sq_norms``."""
+    return _ref.per_sample_sq_norms(a, g, kernel_size, stride, padding, dilation)
+
+
+per_sample_sq_norms_op.register_kernel("cpu")(_psn_dispatch)
+per_sample_sq_norms_op.register_kernel("cuda")(_psn_dispatch)
+
+
+@per_sample_sq_norms_op.register_fake
+def _(a: Tensor, g: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+      dilation: list[int]) -> Tensor:
+    dtype = torch.float64 if torch.float64 in (a.dtype, g.dtype) else torch.float32
+    return a.new_empty((a.shape[0],), dtype=dtype)
+
+
+per_sample_sq_norms_op.register_torch_dispatch(FunctionalTensorMode, _triton_decomposition(
+    "per_sample_sq_norms",
+    lambda a, g, *_: a.device.type == "cuda" and per_sample_norms_backend(a, g) == "triton"))
+
+
+# --------------------------------------------------------------------------------------------------
 # Plain helpers (not ops): noise generation and the global norm
 # --------------------------------------------------------------------------------------------------
 def gaussian_noise(numel: int, *, seed: int, step: int, offset: int = 0, stream: int = STREAM_UPDATE,
@@ -403,30 +469,6 @@ def gaussian_noise(numel: int, *, seed: int, step: int, offset: int = 0, stream:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return _cpp().cuda_gaussian_noise(int(numel), int(seed), int(step), int(offset), int(stream), index)
     return reference_noise(numel, seed=seed, step=step, offset=offset, stream=stream, device=device)
-
-
-def per_sample_sq_norms(a: Tensor, g: Tensor, *, kernel_size: Sequence[int], stride: Sequence[int],
-                        padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
-    """Per-sample squared weight-gradient norms of a 2-d convolution (``reference.per_sample_sq_norms``):
-    on a GPU the CUDA or Triton kernel (each sample's gradient reduced in registers, none written), else
-    the reference. float64 inputs always take the reference (the kernels accumulate in float32)."""
-    kw = dict(kernel_size=list(kernel_size), stride=list(stride), padding=list(padding), dilation=list(dilation))
-    backend = per_sample_norms_backend(a, g)
-    if backend == "triton":
-        return _triton_fn("per_sample_sq_norms")(a, g, **kw)
-    if backend == "cuda":
-        return _cpp().cuda_per_sample_sq_norms(a, g, **kw)
-    return _ref.per_sample_sq_norms(a, g, **kw)
-
-
-def per_sample_norms_backend(a: Tensor, g: Tensor) -> str:
-    """The backend of :func:`per_sample_sq_norms` for these inputs: ``cuda``, ``triton`` (fused kernels) or
-    ``reference``. There is no C++ CPU kernel: on the CPU, ``PerSampleGradients`` forms per-sample
-    gradients with ATen's grouped convolution instead."""
-    backend = select_backend("per_sample_sq_norms", a.device)
-    if backend in ("cuda", "triton") and torch.float64 not in (a.dtype, g.dtype) and a.dtype == g.dtype:
-        return backend
-    return "reference"
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:

@@ -125,8 +125,8 @@ at::Tensor per_sample_sq_norms(const at::Tensor& a, const at::Tensor& g, std::ve
   const int64_t tiles_p = (cv.P + kTile - 1) / kTile;
   cv.tiles_d = (cv.C * cv.KH * cv.KW + kTile - 1) / kTile;
   cv.tiles = tiles_p * cv.tiles_d;
-  at::Tensor partial = at::zeros({B, cv.tiles}, a.options().dtype(at::kFloat));
-  if (B == 0 || cv.tiles == 0 || cv.T == 0) return partial.sum(1);
+  at::Tensor partial = at::empty({B, cv.tiles}, a.options().dtype(at::kFloat));  // every block writes its own
+  if (B == 0 || cv.tiles == 0 || cv.T == 0) return at::zeros({B}, a.options().dtype(at::kFloat));
   TORCH_CHECK(B * cv.tiles < (int64_t{1} << 31), "per_sample_sq_norms: too many tiles for one launch");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "per_sample_sq_norms", [&] {  // not double: checked
     per_sample_sq_norm_kernel<scalar_t><<<static_cast<unsigned>(B * cv.tiles), kThreads, 0, current_stream()>>>(
