@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from pyunlearn.ops._registry import masked_cross_entropy_backward, masked_cross_entropy_setup_context
+
 from . import _check_launch_device
 
 _MAX_SINGLE_TILE_K = 64  # K up to this is held in registers in one tile
@@ -202,18 +204,8 @@ def masked_cross_entropy_op(logits: torch.Tensor, target: torch.Tensor, mask: to
     return _masked_cross_entropy_fwd_bwd(logits, target, mask, weight)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output[1])
-
-
-def _backward(ctx, grad_loss: torch.Tensor, grad_grad: Optional[torch.Tensor]):
-    # As pyunlearn::masked_cross_entropy: the gradient output is a constant; weight gets no gradient.
-    (grad_logits,) = ctx.saved_tensors
-    d_logits = (grad_loss[:, None, None] * grad_logits).to(grad_logits.dtype) if ctx.needs_input_grad[0] else None
-    return d_logits, None, None, None
-
-
-masked_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+# The autograd formula of pyunlearn::masked_cross_entropy (the gradient output is its own saved output).
+masked_cross_entropy_op.register_autograd(masked_cross_entropy_backward, setup_context=masked_cross_entropy_setup_context)
 
 
 def _masked_cross_entropy_fwd_bwd(

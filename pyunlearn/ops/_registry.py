@@ -216,11 +216,11 @@ def _(logits: Tensor, target: Tensor, mask: Tensor, weight: Optional[Tensor]) ->
     return loss, grad
 
 
-def _mce_setup_context(ctx, inputs, output) -> None:
+def masked_cross_entropy_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1])
 
 
-def _mce_backward(ctx, grad_loss: Tensor, grad_grad: Optional[Tensor]):
+def masked_cross_entropy_backward(ctx, grad_loss: Tensor, grad_grad: Optional[Tensor]):
     # The gradient output is treated as a constant (no second-order terms); ``weight`` gets no gradient.
     (grad_logits,) = ctx.saved_tensors
     d_logits = None
@@ -229,7 +229,8 @@ def _mce_backward(ctx, grad_loss: Tensor, grad_grad: Optional[Tensor]):
     return d_logits, None, None, None
 
 
-masked_cross_entropy_op.register_autograd(_mce_backward, setup_context=_mce_setup_context)
+masked_cross_entropy_op.register_autograd(masked_cross_entropy_backward,
+                                          setup_context=masked_cross_entropy_setup_context)
 
 
 def _triton_decomposition(triton_name: str, runs_triton: Callable[..., bool]) -> Callable:
