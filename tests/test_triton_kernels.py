@@ -196,6 +196,17 @@ def test_masked_cross_entropy_degenerate_shapes() -> None:
     assert torch.equal(loss, torch.zeros(2, device=DEVICE)) and grad.shape == (2, 3, 0)
 
 
+def test_masked_cross_entropy_triton_op_autograd() -> None:
+    g = _gen(13)
+    logits = _logits(2, 3, 17, "contiguous", 2.0, torch.float32, g).requires_grad_(True)
+    target = torch.randint(0, 3, (2, 17), generator=g).to(DEVICE)
+    mask = (torch.rand(2, 17, generator=g) < 0.7).to(DEVICE)
+    loss, grad = mce.masked_cross_entropy_op(logits, target, mask, None)
+    v = torch.tensor([0.5, -2.0], device=DEVICE)
+    (got,) = torch.autograd.grad(loss, logits, v)
+    torch.testing.assert_close(got, v[:, None, None] * grad.detach(), rtol=0, atol=0)
+
+
 @pytest.mark.skipif(ptriton.interpreting(), reason="interpreted kernels cannot run on fake tensors")
 def test_masked_cross_entropy_triton_op_opcheck() -> None:
     g = _gen(12)
