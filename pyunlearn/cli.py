@@ -46,8 +46,9 @@ def _quick_config():
                       retrain_steps=10, finetune_steps=10, post_steps=10, gc_steps=5, mc_steps=3, eval_every=5, s_global_boot=20)
 
 
-def _init_distributed(device: str) -> None:
-    """Join the process group when launched by torchrun (RANK/WORLD_SIZE in the environment)."""
+def _init_distributed(device: str) -> bool:
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE in the environment); returns
+    whether this call joined it."""
     import os
 
     import torch.distributed as dist
@@ -58,6 +59,17 @@ def _init_distributed(device: str) -> None:
             import torch
 
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return True
+    return False
+
+
+def _leave_distributed() -> None:
+    """Wait for every rank, then leave the process group (an orderly teardown: a rank that exits while
+    another still talks to it can abort the job)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _is_main_rank() -> bool:
@@ -73,8 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_run(sub)
     _add_classify(sub)
     args = parser.parse_args(argv)
-    _init_distributed(getattr(args, "device", "cpu"))
+    joined = _init_distributed(getattr(args, "device", "cpu"))
+    code = _run(args, parser)
+    if joined:
+        _leave_distributed()
+    return code
 
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "demo":
         import torch
 

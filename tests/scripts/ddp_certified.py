@@ -45,4 +45,5 @@ for _ in range(steps):
 torch.save({k: v.detach().clone() for k, v in decoder.state_dict().items()},
            out if rank == 0 else f"{out}.rank{rank}")
 if distributed:
+    dist.barrier()  # every rank done before any leaves (an early exit can abort the others)
     dist.destroy_process_group()

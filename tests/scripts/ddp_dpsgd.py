@@ -31,4 +31,5 @@ with PerSampleGradients(model, loss_reduction="sum") as psg:
 torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
            out if rank == 0 else f"{out}.rank{rank}")
 if distributed:
+    dist.barrier()  # every rank done before any leaves (an early exit can abort the others)
     dist.destroy_process_group()
