@@ -28,6 +28,16 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def setup(doc: str, *, repeats: int) -> tuple[argparse.Namespace, torch.device, int]:
+    """Parse the common options of a benchmark script (described by the first line of ``doc``), apply
+    ``--threads``, and return (args, device, timed calls per provider: ``repeats`` unless ``--quick``
+    or ``--repeats`` say otherwise)."""
+    args = parser(doc.splitlines()[1]).parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args, torch.device(args.device), args.repeats or (3 if args.quick else repeats)
+
+
 def forced(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` wrapped to run with ``PYUNLEARN_BACKEND=backend`` (the previous value restored)."""
     def run():

@@ -108,12 +108,8 @@ def op_kwargs(op: str, step: int) -> dict:
 
 
 def main() -> None:
-    args = _common.parser(__doc__.splitlines()[1]).parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args, device, repeats = _common.setup(__doc__, repeats=15)
     total = 150_000 if args.quick else 4_194_304
-    repeats = args.repeats or (3 if args.quick else 15)
     shapes = make_shapes(total)
     numel = sum(torch.Size(s).numel() for s in shapes)
     copy_gbps = _common.copy_bandwidth(device, nbytes=(1 << 25) if args.quick else (1 << 28))

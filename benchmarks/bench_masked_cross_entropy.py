@@ -68,11 +68,7 @@ def torch_autograd(logits, target, mask):
 
 
 def main() -> None:
-    args = _common.parser(__doc__.splitlines()[1]).parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    repeats = args.repeats or (3 if args.quick else 25)
+    args, device, repeats = _common.setup(__doc__, repeats=25)
     copy_gbps = _common.copy_bandwidth(device, nbytes=(1 << 25) if args.quick else (1 << 28))
     rows = []
     for name, b, k, h, w, dtype, layout in (QUICK_CASES if args.quick else CASES):

@@ -38,11 +38,7 @@ CONV = dict(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1))
 
 
 def main() -> None:
-    args = _common.parser(__doc__.splitlines()[1]).parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    repeats = args.repeats or (3 if args.quick else 15)
+    args, device, repeats = _common.setup(__doc__, repeats=15)
     rows = []
     for name, b, cin, cout, size in (QUICK_CASES if args.quick else CASES):
         g = torch.Generator().manual_seed(0)
