@@ -205,6 +205,11 @@ def operator(method: str, data_fn: Callable[[], SegmentationUnlearningData] = se
     return build
 
 
+def one_channel_data() -> SegmentationUnlearningData:
+    images, *rest = seg_tensors()
+    return SegmentationUnlearningData.from_masks(images[:, :1].contiguous(), *rest)
+
+
 def nan_image_data() -> SegmentationUnlearningData:
     data = seg_data()
     data.images[1, 0, 2, 3] = NAN  # from_masks accepts it: the operator's loss check catches it
@@ -447,6 +452,11 @@ TABLE = [
         id="operator/steps-float"),
     row(operator("finetune", batch_size=0, inplace=True), ValueError,
         r"finetune: batch_size must be an int >= 1, got 0", id="operator/batch-size-zero"),
+    row(operator("finetune", one_channel_data, inplace=True), ValueError,
+        r"^the model does not take data\.images with 1 channels \(a batch has shape \(\d+, 1, ",
+        id="operator/image-channels-frozen-encoder"),
+    row(operator("finetune", one_channel_data, prepare=lambda m: m.encoder.requires_grad_(True), inplace=True),
+        ValueError, r"^the model does not take data\.images with 1 channels", id="operator/image-channels"),
     row(operator("finetune", lr=-1e-3, inplace=True), ValueError, r"^lr must be finite and > 0, got -0\.001",
         id="operator/lr-negative"),
     row(operator("gradient_clipping", finetune_lr=float("nan")), ValueError,

@@ -35,6 +35,17 @@ __all__ = [
 EvalFn = Callable[[nn.Module], dict]
 
 
+def _forward(fn, images: torch.Tensor):
+    """``fn(images)``, with torch's channel-mismatch error turned into one that names the data."""
+    try:
+        return fn(images)
+    except RuntimeError as exc:
+        if "channels" not in str(exc):
+            raise
+        raise ValueError(f"the model does not take data.images with {images.shape[1]} channels (a batch has shape "
+                         f"{tuple(images.shape)}): {exc}") from exc
+
+
 class _Inputs:
     """Model inputs by index: cached encoder features when the encoder is frozen, images otherwise."""
 
@@ -43,7 +54,7 @@ class _Inputs:
         self.cached = getattr(model, "encoder_frozen", False) and hasattr(model, "decoder")
         if self.cached:
             with torch.no_grad():
-                parts = [model.encoder(images[i:i + chunk]) for i in range(0, images.shape[0], chunk)]
+                parts = [_forward(model.encoder, images[i:i + chunk]) for i in range(0, images.shape[0], chunk)]
             self.features = tuple(torch.cat(level) for level in zip(*parts))
         else:
             self.images = images
@@ -51,7 +62,7 @@ class _Inputs:
     def logits(self, index: torch.Tensor) -> torch.Tensor:
         if self.cached:
             return self.model.decoder(tuple(f[index] for f in self.features))
-        return self.model(self.images[index])
+        return _forward(self.model, self.images[index])
 
 
 def _check_certifiable(model: nn.Module, data: SegmentationUnlearningData) -> None:
