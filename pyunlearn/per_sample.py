@@ -138,16 +138,16 @@ def _bcast(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return c.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-def _fused_norms(t: torch.Tensor, bytes_per_sample: int, budget: int) -> bool:
-    """Whether the per-sample weight-gradient norms of ``t``'s layer come from a fused kernel
-    (``pyunlearn.ops.per_sample_sq_norms`` on CUDA or Triton: no per-sample gradient is written) rather
-    than from per-sample gradients formed a chunk of samples at a time.
+def _fused_norms(a: torch.Tensor, g: torch.Tensor, bytes_per_sample: int, budget: int) -> bool:
+    """Whether the per-sample weight-gradient norms of a layer with input ``a`` and output gradient ``g``
+    come from a fused kernel (``pyunlearn.ops.per_sample_sq_norms`` on CUDA or Triton: no per-sample
+    gradient is written) rather than from per-sample gradients formed a chunk of samples at a time.
 
     NOTE: only when the batch's per-sample gradients exceed one chunk (``chunk_bytes``). Below that,
     forming them is one grouped convolution whose result ``clipped_sum_`` reuses, and the fused kernels
     (one program per sample and weight tile, positions walked serially) have little parallelism.
     Not tuned on a GPU (none was available)."""
-    return t.shape[0] * bytes_per_sample > budget and ops.per_sample_norms_backend(t, t) != "reference"
+    return a.shape[0] * bytes_per_sample > budget and ops.per_sample_norms_backend(a, g) != "reference"
 
 
 def _chunks(batch: int, bytes_per_sample: int, budget: int) -> Iterator[slice]:
@@ -195,7 +195,7 @@ class _LinearRule(_Rule):
                 aa = torch.bmm(a, a.transpose(1, 2))
                 gg = torch.bmm(g, g.transpose(1, 2))
                 total += (aa * gg).sum(dim=(1, 2), dtype=acc)
-            elif _fused_norms(a, p * d * a.element_size(), budget):  # 1x1 conv over tokens: (B, d, 1, T), (B, p, 1, T)
+            elif _fused_norms(a, g, p * d * a.element_size(), budget):  # 1x1 conv over tokens: (B, d, 1, T), (B, p, 1, T)
                 total += ops.per_sample_sq_norms(a.transpose(1, 2).unsqueeze(2), g.transpose(1, 2).unsqueeze(2),
                                                  kernel_size=(1, 1), stride=(1, 1), padding=(0, 0),
                                                  dilation=(1, 1)).to(acc)
@@ -346,9 +346,9 @@ class _ConvRule(_Rule):
 
     @staticmethod
     def _fused_ok(layer, prepared, method, budget) -> bool:
-        a = prepared[0][0]
+        a, g, _ = prepared[0]
         return (method != "ghost" and len(prepared) == 1 and type(layer) in (nn.Conv1d, nn.Conv2d)
-                and layer.groups == 1 and _fused_norms(a, layer.weight.numel() * a.element_size(), budget))
+                and layer.groups == 1 and _fused_norms(a, g, layer.weight.numel() * a.element_size(), budget))
 
     @staticmethod
     def _as_2d(layer, a, g, args):

@@ -399,9 +399,12 @@ add_noise_op = _register_step("add_noise_", _add_noise_reference, _add_noise_dis
 # --------------------------------------------------------------------------------------------------
 # Op 3: per-sample weight-gradient norms of a convolution
 # --------------------------------------------------------------------------------------------------
-def _fusable(a: Tensor, g: Tensor) -> bool:
+def _psn_backend(a: Tensor, g: Tensor) -> str:
+    """``cuda``, ``triton`` or ``reference`` for these inputs; raises for an impossible forced backend."""
+    backend = select_backend("per_sample_sq_norms", a.device)
     # The kernels accumulate in float32 and take one input dtype.
-    return a.dtype == g.dtype and a.dtype != torch.float64
+    fusable = a.dtype == g.dtype and a.dtype != torch.float64
+    return backend if backend in ("cuda", "triton") and fusable else "reference"
 
 
 def per_sample_norms_backend(a: Tensor, g: Tensor) -> str:
@@ -410,19 +413,18 @@ def per_sample_norms_backend(a: Tensor, g: Tensor) -> str:
     tensors, or that has no such kernel, means the module's own path). There is no C++ CPU kernel: on the
     CPU, ``PerSampleGradients`` forms per-sample gradients with ATen's grouped convolution."""
     try:
-        backend = select_backend("per_sample_sq_norms", a.device)
+        return _psn_backend(a, g)
     except RuntimeError:
         return "reference"
-    return backend if backend in ("cuda", "triton") and _fusable(a, g) else "reference"
 
 
 def _psn_dispatch(a: Tensor, g: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
                   dilation: list[int]) -> Tensor:
     kw = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation)
-    backend = select_backend("per_sample_sq_norms", a.device)
-    if backend == "triton" and _fusable(a, g):
+    backend = _psn_backend(a, g)
+    if backend == "triton":
         return _run_triton("per_sample_sq_norms", a.device, a, g, **kw)
-    if backend == "cuda" and _fusable(a, g):
+    if backend == "cuda":
         return _cpp().cuda_per_sample_sq_norms(a, g, **kw)
     return _ref.per_sample_sq_norms(a, g, **kw)
 

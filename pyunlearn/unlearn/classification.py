@@ -50,8 +50,6 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _make_optimizer(params, *, optimizer: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    positive(lr, "lr")
-    positive(weight_decay, "weight_decay", allow_zero=True)
     if optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if optimizer == "sgd":
