@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .rng import STREAM_UPDATE, gaussian_noise
+from .rng import MASK32, STREAM_UPDATE, gaussian_noise, noisy
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,6 +80,14 @@ def per_sample_sq_norms(a: torch.Tensor, g: torch.Tensor, kernel_size: Sequence[
 # --------------------------------------------------------------------------------------------------
 # Op 2: multi-tensor clip + noise + update
 # --------------------------------------------------------------------------------------------------
+#: Step status codes (first entry of a step's result): the step ran; the gradient (or, for model
+#: clipping, the updated model) has a non-finite norm; the parameters do not match ``expected_fp``.
+#: On any status but STATUS_OK the parameters are left unchanged.
+STATUS_OK, STATUS_NONFINITE, STATUS_TAMPERED = 0, 1, 2
+#: Relative tolerance of the fingerprint comparison (reductions may round differently across backends).
+FP_RTOL = 1e-12
+
+
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm over all tensors together, accumulated in float32 (float64 if any input is)."""
     acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -94,15 +102,78 @@ def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-30), torch.ones_like(norm))
 
 
-def add_noise_(params: Sequence[torch.Tensor], *, sigma: float, seed: int, step: int,
+def _mul_lo32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """(h * c) mod 2^32 for uint32 values in int64 without overflowing int64."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser."""
+    h = h ^ (h >> 16)
+    h = _mul_lo32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul_lo32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def fingerprint_weights(numel: int, first: int, fp_key: Sequence[int], device=None) -> torch.Tensor:
+    """Keyed pseudo-random weights in [-1, 1) of global elements ``first .. first + numel - 1`` (float64):
+
+        h_i = fmix32(fmix32(lo32(i) ^ k0) ^ hi32(i) ^ k1),   w_i = (int32(h_i) >> 8) * 2^-23
+
+    24-bit weights, so ``w_i * x_i`` is exact in float64 for float32 ``x_i``."""
+    i = torch.arange(first, first + numel, dtype=torch.int64, device=device)
+    h = _fmix32(_fmix32((i & MASK32) ^ int(fp_key[0])) ^ (i >> 32) ^ int(fp_key[1]))
+    signed = h - ((h >> 31) << 32)
+    return (signed >> 8).double() * 2.0 ** -23
+
+
+def fingerprint(params: Sequence[torch.Tensor], fp_key: Sequence[int]) -> torch.Tensor:
+    """``[sum_i w_i x_i, sum_i x_i^2]`` in float64 over the concatenation of ``params`` (``w``: keyed
+    weights of ``fingerprint_weights``). A keyed random projection: any edit of the values moves it,
+    permutations included, unless it is orthogonal to weights the editor does not know."""
+    device = params[0].device if params else None
+    proj = torch.zeros((), dtype=torch.float64, device=device)
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    offset = 0
+    for p in params:
+        x = p.detach().reshape(-1).double()
+        proj = proj + (x * fingerprint_weights(x.numel(), offset, fp_key, device=x.device)).sum()
+        sq = sq + (x * x).sum()
+        offset += x.numel()
+    return torch.stack([proj, sq])
+
+
+def fingerprint_matches(current: Sequence[float], expected: Sequence[float]) -> bool:
+    """Whether two fingerprints agree up to ``FP_RTOL`` (the comparison every backend makes)."""
+    return len(current) == len(expected) and all(
+        abs(a - b) <= FP_RTOL * max(abs(a), abs(b)) + 1e-300 for a, b in zip(current, expected))
+
+
+def _status(norm: torch.Tensor, old_fp: torch.Tensor, expected_fp: Sequence[float]) -> int:
+    if not bool(torch.isfinite(norm)):
+        return STATUS_NONFINITE
+    if expected_fp and not fingerprint_matches(old_fp.tolist(), list(expected_fp)):
+        return STATUS_TAMPERED
+    return STATUS_OK
+
+
+def _result(status: int, norm: torch.Tensor, old_fp: torch.Tensor, new_fp: torch.Tensor) -> torch.Tensor:
+    """The step's result: float64 ``[status, norm, old_proj, old_sq, new_proj, new_sq]``."""
+    head = torch.tensor([float(status)], dtype=torch.float64, device=norm.device)
+    return torch.cat([head, norm.double().reshape(1), old_fp, new_fp])
+
+
+def add_noise_(params: Sequence[torch.Tensor], *, sigma: float, key: Sequence[int], step: int,
                stream: int = STREAM_UPDATE) -> None:
-    """params[j] += sigma * noise, element indices running over the concatenation of ``params``."""
+    """params[j] <- round(params[j] + sigma * noise) (float64 sum, one rounding), element indices running
+    over the concatenation of ``params``."""
     if sigma == 0.0:
         return
     offset = 0
     for p in params:
-        noise = gaussian_noise(p.numel(), seed=seed, step=step, offset=offset, stream=stream, device=p.device)
-        p.add_((sigma * noise).view_as(p).to(p.dtype))
+        noise = gaussian_noise(p.numel(), key=key, step=step, offset=offset, stream=stream, device=p.device)
+        p.copy_(noisy(p, noise.view_as(p), sigma))
         offset += p.numel()
 
 
@@ -114,22 +185,31 @@ def gradient_clipping_step_(
     max_grad_norm: float,
     weight_decay: float,
     sigma: float,
-    seed: int,
+    key: Sequence[int],
     step: int,
+    fp_key: Sequence[int],
+    expected_fp: Sequence[float] = (),
 ) -> torch.Tensor:
-    """One step of the gradient-clipping operator, in place on ``params``; returns the gradient norm.
+    """One step of the gradient-clipping operator, in place on ``params``:
 
-        x <- x - lr * (clip(g, C1) + weight_decay * x) + sigma * noise(seed, step)
+        c = x - lr * (clip(g, C1) + weight_decay * x)        (parameter dtype; clip by the global norm)
+        x <- round(c + sigma * noise(key, step))              (float64 sum, one rounding)
 
-    clip uses the global norm of all ``grads`` together.
+    Pass 1 (read only) takes the gradient norm and the fingerprint of ``params``; the parameters are
+    written only if the norm is finite and the fingerprint matches ``expected_fp`` (empty: not checked).
+    Returns float64 ``[status, grad_norm, old_fp (2), new_fp (2)]``.
     """
     norm = global_norm(grads)
+    old_fp = fingerprint(params, fp_key)
+    status = _status(norm, old_fp, expected_fp)
+    if status != STATUS_OK:
+        return _result(status, norm, old_fp, old_fp)
     factor = clip_factor(norm, max_grad_norm)
     for p, g in zip(params, grads):
         update = g.to(norm.dtype) * factor + weight_decay * p.to(norm.dtype)
         p.sub_((lr * update).to(p.dtype))
-    add_noise_(params, sigma=sigma, seed=seed, step=step)
-    return norm
+    add_noise_(params, sigma=sigma, key=key, step=step)
+    return _result(status, norm, old_fp, fingerprint(params, fp_key))
 
 
 def model_clipping_step_(
@@ -140,23 +220,33 @@ def model_clipping_step_(
     max_model_norm: float,
     weight_decay: float,
     sigma: float,
-    seed: int,
+    key: Sequence[int],
     step: int,
+    fp_key: Sequence[int],
+    expected_fp: Sequence[float] = (),
 ) -> torch.Tensor:
-    """One step of the model-clipping operator, in place; returns the pre-projection model norm.
+    """One step of the model-clipping operator, in place:
 
-        y = x - lr * (g + weight_decay * x);   x <- clip(y, C2) + sigma * noise(seed, step)
+        y = x - lr * (g + weight_decay * x);   c = clip(y, C2);   x <- round(c + sigma * noise(key, step))
+
+    Pass 1 (read only) takes ``|y|`` and the fingerprint of ``params``; as for gradient clipping the
+    parameters are written only if both are valid. Returns float64 ``[status, |y|, old_fp, new_fp]``.
     """
     acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    ys = []
     for p, g in zip(params, grads):
         update = g.to(acc) + weight_decay * p.to(acc)
-        p.sub_((lr * update).to(p.dtype))
-    norm = global_norm(params)
+        ys.append(p - (lr * update).to(p.dtype))
+    norm = global_norm(ys)
+    old_fp = fingerprint(params, fp_key)
+    status = _status(norm, old_fp, expected_fp)
+    if status != STATUS_OK:
+        return _result(status, norm, old_fp, old_fp)
     factor = clip_factor(norm, max_model_norm)
-    for p in params:
-        p.mul_(factor.to(p.dtype))
-    add_noise_(params, sigma=sigma, seed=seed, step=step)
-    return norm
+    for p, y in zip(params, ys):
+        p.copy_(y * factor.to(p.dtype))
+    add_noise_(params, sigma=sigma, key=key, step=step)
+    return _result(status, norm, old_fp, fingerprint(params, fp_key))
 
 
 def dpsgd_step_(
@@ -168,24 +258,22 @@ def dpsgd_step_(
     max_grad_norm: float,
     expected_batch_size: float,
     weight_decay: float,
-    seed: int,
+    key: Sequence[int],
     step: int,
 ) -> None:
-    """DP-SGD update from the sum of per-sample clipped gradients (Opacus' arithmetic):
+    """DP-SGD update from the sum of per-sample clipped gradients (Opacus' arithmetic), in float64 and
+    rounded once to the parameter dtype:
 
-        g = (sum_i clip(g_i, C) + noise_multiplier * C * noise(seed, step)) / expected_batch_size
-        x <- x - lr * (g + weight_decay * x)
-
-    computed in float32, or float64 for float64 parameters (the noise itself is float32).
+        g = (sum_i clip(g_i, C) + noise_multiplier * C * noise(key, step)) / expected_batch_size
+        x <- round(x - lr * (g + weight_decay * x))
     """
     std = noise_multiplier * max_grad_norm
     offset = 0
     for p, g in zip(params, summed_clipped_grads):
-        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-        noisy = g.to(acc)
+        noisy_sum = g.double()
         if std > 0.0:
-            noisy = noisy + std * gaussian_noise(p.numel(), seed=seed, step=step, offset=offset,
-                                                 device=p.device).view_as(p).to(acc)
-        update = noisy / expected_batch_size + weight_decay * p.to(acc)
-        p.sub_((lr * update).to(p.dtype))
+            noisy_sum = noisy_sum + std * gaussian_noise(p.numel(), key=key, step=step, offset=offset,
+                                                         device=p.device).view_as(p)
+        x = p.double()
+        p.copy_((x - lr * (noisy_sum / expected_batch_size + weight_decay * x)).to(p.dtype))
         offset += p.numel()
