@@ -458,6 +458,11 @@ class Certificate:
     parameters: list[str] = field(default_factory=list)  # names of the covered parameters
     assumptions: list[str] = field(default_factory=list)
     seeded: bool = False  # True when the noise came from a user seed (reproducible, not secret)
+    #: What the run released that this certificate does NOT cover (e.g. diagnostics of the noisy phase).
+    not_covered: list[str] = field(default_factory=list)
+    #: The part of ``delta`` that bounds the implemented sampler's distance to the ideal Gaussian
+    #: (``pyunlearn.ops.rng.noise_tv_bound``); the analysis itself used ``delta - noise_delta``.
+    noise_delta: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, numbers.Real) \
@@ -472,14 +477,23 @@ class Certificate:
                 not all(isinstance(k, str) for k in self.hyperparameters):
             raise TypeError("Certificate.hyperparameters must be a dict with string keys, "
                             f"got {self.hyperparameters!r}")
-        for name in ("parameters", "assumptions"):
+        for name in ("parameters", "assumptions", "not_covered"):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not all(isinstance(v, str) for v in value):
                 raise TypeError(f"Certificate.{name} must be a list of strings, got {value!r}")
             setattr(self, name, list(value))
         if not isinstance(self.seeded, (bool, np.bool_)):
             raise TypeError(f"Certificate.seeded must be a bool, got {self.seeded!r}")
+        if isinstance(self.noise_delta, bool) or not isinstance(self.noise_delta, numbers.Real) \
+                or not 0.0 <= self.noise_delta <= self.delta:
+            raise ValueError(f"Certificate.noise_delta must lie in [0, delta], got {self.noise_delta!r}")
         self.epsilon, self.delta, self.seeded = float(self.epsilon), float(self.delta), bool(self.seeded)
+        self.noise_delta = float(self.noise_delta)
+
+    @property
+    def secret(self) -> bool:
+        """Whether the noise key was secret (drawn from the OS), i.e. the guarantee holds as stated."""
+        return not self.seeded
 
     def to_dict(self) -> dict:
         """A deep copy as a plain dict (field names as keys)."""
@@ -511,13 +525,18 @@ class Certificate:
         n = len(self.parameters)
         shown = ", ".join(self.parameters[:4]) + (", ..." if n > 4 else "")
         hp = ", ".join(f"{k}={v!r}" for k, v in sorted(self.hyperparameters.items()))
-        text = (f"({self.epsilon:.4g}, {self.delta:.3g})-certified unlearning by operator "
+        text = f"secret: {'false' if self.seeded else 'true'}\n"
+        text += (f"({self.epsilon:.4g}, {self.delta:.3g})-certified unlearning by operator "
                 f"'{self.operator}' covering {n} parameter{'s' if n != 1 else ''}"
                 f"{' (' + shown + ')' if n else ''}")
         if hp:
             text += f"; hyperparameters: {hp}"
+        if self.noise_delta:
+            text += f"; delta includes {self.noise_delta:.3g} for the sampler's distance to the ideal Gaussian"
         if self.assumptions:
             text += "; assumes: " + "; ".join(self.assumptions)
+        if self.not_covered:
+            text += "; NOT covered: " + "; ".join(self.not_covered)
         if self.seeded:
             text += "; noise drawn from a user seed (reproducible, not secret: the guarantee holds " \
                     "only if the seed is kept from the adversary)"
