@@ -3,8 +3,8 @@
 Every op has a pure-PyTorch reference (:mod:`pyunlearn.ops.reference`, the oracle); the functions here
 run it through the ``pyunlearn::*`` torch.library ops, which dispatch to the fastest live backend
 (C++ on CPU, CUDA/Triton on GPU; see :mod:`pyunlearn.ops._registry`). ``PYUNLEARN_BACKEND`` forces
-one; :func:`backends` says which are live. All noise is the counter-based Philox noise of
-:mod:`pyunlearn.ops.rng`, identical on every backend up to float32 last-place differences.
+one; :func:`backends` says which are live. All noise is the ChaCha20 counter-mode noise of
+:mod:`pyunlearn.ops.rng`, bit-identical on every backend.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from ._registry import (  # noqa: F401
     add_noise_op,
     backends,
     dpsgd_op,
+    fingerprint,
     forced_backend,
     gaussian_noise,
     global_norm,
@@ -38,6 +39,7 @@ __all__ = [
     "add_noise_",
     "backends",
     "dpsgd_step_",
+    "fingerprint",
     "forced_backend",
     "gaussian_noise",
     "global_norm",
@@ -90,8 +92,20 @@ def _check_masked_ce(logits: Tensor, target: Tensor, mask: Tensor, weight: Optio
             raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
 
 
+def _check_words(where: str, name: str, words, count: int) -> list[int]:
+    try:
+        values = list(words)
+    except TypeError:
+        raise TypeError(f"{where}: {name} must be a sequence of {count} ints, got {type(words).__name__}") from None
+    if len(values) != count or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise TypeError(f"{where}: {name} must be {count} ints, got {words!r}")
+    if any(not 0 <= v < 2**32 for v in values):
+        raise ValueError(f"{where}: {name} words must be in [0, 2**32), got {words!r}")
+    return values
+
+
 def _check_step(where: str, params: Sequence[Tensor], grads: Optional[Sequence[Tensor]], grads_name: str,
-                seed: int, step: int, stream: int = STREAM_UPDATE) -> tuple[list[Tensor], list[Tensor]]:
+                key: Sequence[int], step: int, stream: int = STREAM_UPDATE) -> tuple[list[Tensor], list[Tensor], list[int]]:
     params = list(params)
     grads_list = list(grads) if grads is not None else []
     if grads is not None and len(grads_list) != len(params):
@@ -113,12 +127,21 @@ def _check_step(where: str, params: Sequence[Tensor], grads: Optional[Sequence[T
                                  f"{tuple(p.shape)}")
             if g.device != device:
                 raise ValueError(f"{where}: {grads_name}[{i}] is on {g.device} but params are on {device}")
-    for name, value, hi in (("seed", seed, 2**63), ("step", step, 2**32), ("stream", stream, 2**32)):
+    key = _check_words(where, "key", key, 8)
+    for name, value, hi in (("step", step, 2**32), ("stream", stream, 2**32)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
         if not 0 <= value < hi:
             raise ValueError(f"{where}: {name} must be in [0, {hi}), got {value}")
-    return params, grads_list
+    return params, grads_list, key
+
+
+def _check_fp(where: str, fp_key: Sequence[int], expected_fp: Sequence[float]) -> tuple[list[int], list[float]]:
+    fp_key = _check_words(where, "fp_key", fp_key, 2)
+    expected = [float(v) for v in expected_fp]
+    if len(expected) not in (0, 2):
+        raise ValueError(f"{where}: expected_fp must be empty or [projection, sum of squares], got {expected_fp!r}")
+    return fp_key, expected
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,12 +175,17 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor, weight: O
 # Op 2: multi-tensor clip + noise + update (in place on params)
 # --------------------------------------------------------------------------------------------------
 def gradient_clipping_step_(params: Sequence[Tensor], grads: Sequence[Tensor], *, lr: float, max_grad_norm: float,
-                            weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
-    """``x <- x - lr (clip(g, C1) + wd x) + sigma noise(seed, step)`` in place on all ``params`` together;
-    returns the global gradient norm (0-d tensor). See :func:`pyunlearn.ops.reference.gradient_clipping_step_`."""
-    ps, gs = _check_step("gradient_clipping_step_", params, grads, "grads", seed, step)
+                            weight_decay: float, sigma: float, key: Sequence[int], step: int,
+                            fp_key: Sequence[int] = (0, 0), expected_fp: Sequence[float] = ()) -> Tensor:
+    """``x <- round(x - lr (clip(g, C1) + wd x) + sigma noise(key, step))`` in place on all ``params`` together.
+
+    Returns float64 ``[status, grad_norm, old_fp (2), new_fp (2)]``; the parameters are written only if the
+    gradient norm is finite and their fingerprint matches ``expected_fp`` (status 0; see
+    :func:`pyunlearn.ops.reference.gradient_clipping_step_`)."""
+    ps, gs, key = _check_step("gradient_clipping_step_", params, grads, "grads", key, step)
+    fp_key, expected = _check_fp("gradient_clipping_step_", fp_key, expected_fp)
     kw = dict(lr=float(lr), max_grad_norm=float(max_grad_norm), weight_decay=float(weight_decay),
-              sigma=float(sigma), seed=seed, step=step)
+              sigma=float(sigma), key=key, step=step, fp_key=fp_key, expected_fp=expected)
     with torch.no_grad():
         if not ps:
             return reference.gradient_clipping_step_(ps, gs, **kw)
@@ -165,12 +193,14 @@ def gradient_clipping_step_(params: Sequence[Tensor], grads: Sequence[Tensor], *
 
 
 def model_clipping_step_(params: Sequence[Tensor], grads: Sequence[Tensor], *, lr: float, max_model_norm: float,
-                         weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
-    """``y = x - lr (g + wd x); x <- clip(y, C2) + sigma noise(seed, step)`` in place; returns ``|y|``.
-    See :func:`pyunlearn.ops.reference.model_clipping_step_`."""
-    ps, gs = _check_step("model_clipping_step_", params, grads, "grads", seed, step)
+                         weight_decay: float, sigma: float, key: Sequence[int], step: int,
+                         fp_key: Sequence[int] = (0, 0), expected_fp: Sequence[float] = ()) -> Tensor:
+    """``y = x - lr (g + wd x); x <- round(clip(y, C2) + sigma noise(key, step))`` in place; returns float64
+    ``[status, |y|, old_fp, new_fp]``. See :func:`pyunlearn.ops.reference.model_clipping_step_`."""
+    ps, gs, key = _check_step("model_clipping_step_", params, grads, "grads", key, step)
+    fp_key, expected = _check_fp("model_clipping_step_", fp_key, expected_fp)
     kw = dict(lr=float(lr), max_model_norm=float(max_model_norm), weight_decay=float(weight_decay),
-              sigma=float(sigma), seed=seed, step=step)
+              sigma=float(sigma), key=key, step=step, fp_key=fp_key, expected_fp=expected)
     with torch.no_grad():
         if not ps:
             return reference.model_clipping_step_(ps, gs, **kw)
@@ -179,25 +209,27 @@ def model_clipping_step_(params: Sequence[Tensor], grads: Sequence[Tensor], *, l
 
 def dpsgd_step_(params: Sequence[Tensor], summed_clipped_grads: Sequence[Tensor], *, lr: float,
                 noise_multiplier: float, max_grad_norm: float, expected_batch_size: float, weight_decay: float,
-                seed: int, step: int) -> None:
-    """DP-SGD update from summed per-sample clipped gradients, in place (Opacus' arithmetic).
-    See :func:`pyunlearn.ops.reference.dpsgd_step_`."""
-    ps, gs = _check_step("dpsgd_step_", params, summed_clipped_grads, "summed_clipped_grads", seed, step)
+                key: Sequence[int], step: int) -> None:
+    """DP-SGD update from summed per-sample clipped gradients, in place (Opacus' arithmetic, in float64 and
+    rounded once). See :func:`pyunlearn.ops.reference.dpsgd_step_`."""
+    ps, gs, key = _check_step("dpsgd_step_", params, summed_clipped_grads, "summed_clipped_grads", key, step)
     if not ps:
         return
     with torch.no_grad():
         dpsgd_op(ps, gs, lr=float(lr), noise_multiplier=float(noise_multiplier), max_grad_norm=float(max_grad_norm),
-                 expected_batch_size=float(expected_batch_size), weight_decay=float(weight_decay), seed=seed,
+                 expected_batch_size=float(expected_batch_size), weight_decay=float(weight_decay), key=key,
                  step=step)
 
 
-def add_noise_(params: Sequence[Tensor], *, sigma: float, seed: int, step: int, stream: int = STREAM_UPDATE) -> None:
-    """``params[j] += sigma * noise``, element indices running over the concatenation of ``params``."""
-    ps, _ = _check_step("add_noise_", params, None, "", seed, step, stream)
+def add_noise_(params: Sequence[Tensor], *, sigma: float, key: Sequence[int], step: int,
+               stream: int = STREAM_UPDATE) -> None:
+    """``params[j] <- round(params[j] + sigma * noise)`` (float64 sum, one rounding), element indices running
+    over the concatenation of ``params``."""
+    ps, _, key = _check_step("add_noise_", params, None, "", key, step, stream)
     if not ps or float(sigma) == 0.0:
         return
     with torch.no_grad():
-        add_noise_op(ps, sigma=float(sigma), seed=seed, step=step, stream=stream)
+        add_noise_op(ps, sigma=float(sigma), key=key, step=step, stream=stream)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -282,35 +282,31 @@ def _step_backend(op: str, params: Sequence[Tensor], grads: Sequence[Tensor]) ->
     return backend
 
 
-def _gradient_clipping_dispatch(params: list[Tensor], grads: list[Tensor], lr: float, max_grad_norm: float,
-                                weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
-    kw = dict(lr=lr, max_grad_norm=max_grad_norm, weight_decay=weight_decay, sigma=sigma, seed=seed, step=step)
-    backend = _step_backend("gradient_clipping_step_", params, grads)
-    if backend == "reference":
-        return _ref.gradient_clipping_step_(params, grads, **kw)
-    if backend == "triton":
-        return _run_triton("gradient_clipping_step_", params[0].device, params, grads, **kw)
-    kernel, gs = _compiled(backend, "gradient_clipping_step_"), _contiguous(grads)
-    return _run_inplace(params, lambda ps: kernel(ps, gs, lr, max_grad_norm, weight_decay, sigma, seed, step))
+def _clip_step_dispatch(name: str, clip_key: str) -> Callable:
+    """Dispatch of a clip + noise step op (``gradient_clipping_step_`` / ``model_clipping_step_``)."""
+    reference = getattr(_ref, name)
 
-
-def _model_clipping_dispatch(params: list[Tensor], grads: list[Tensor], lr: float, max_model_norm: float,
-                             weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
-    kw = dict(lr=lr, max_model_norm=max_model_norm, weight_decay=weight_decay, sigma=sigma, seed=seed, step=step)
-    backend = _step_backend("model_clipping_step_", params, grads)
-    if backend == "reference":
-        return _ref.model_clipping_step_(params, grads, **kw)
-    if backend == "triton":
-        return _run_triton("model_clipping_step_", params[0].device, params, grads, **kw)
-    kernel, gs = _compiled(backend, "model_clipping_step_"), _contiguous(grads)
-    return _run_inplace(params, lambda ps: kernel(ps, gs, lr, max_model_norm, weight_decay, sigma, seed, step))
+    def dispatch(params: list[Tensor], grads: list[Tensor], lr: float, clip: float, weight_decay: float,
+                 sigma: float, key: list[int], step: int, fp_key: list[int], expected_fp: list[float]) -> Tensor:
+        backend = _step_backend(name, params, grads)
+        if backend == "reference":
+            return reference(params, grads, lr=lr, weight_decay=weight_decay, sigma=sigma, key=key, step=step,
+                             fp_key=fp_key, expected_fp=expected_fp, **{clip_key: clip})
+        if backend == "triton":
+            return _run_triton(name, params[0].device, params, grads, lr=lr, weight_decay=weight_decay,
+                               sigma=sigma, key=key, step=step, fp_key=fp_key, expected_fp=expected_fp,
+                               **{clip_key: clip})
+        kernel, gs = _compiled(backend, name), _contiguous(grads)
+        return _run_inplace(params, lambda ps: kernel(ps, gs, lr, clip, weight_decay, sigma, key, step, fp_key,
+                                                      expected_fp))
+    return dispatch
 
 
 def _dpsgd_dispatch(params: list[Tensor], summed_clipped_grads: list[Tensor], lr: float, noise_multiplier: float,
-                    max_grad_norm: float, expected_batch_size: float, weight_decay: float, seed: int,
+                    max_grad_norm: float, expected_batch_size: float, weight_decay: float, key: list[int],
                     step: int) -> None:
     kw = dict(lr=lr, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-              expected_batch_size=expected_batch_size, weight_decay=weight_decay, seed=seed, step=step)
+              expected_batch_size=expected_batch_size, weight_decay=weight_decay, key=key, step=step)
     backend = _step_backend("dpsgd_step_", params, summed_clipped_grads)
     if backend == "reference":
         _ref.dpsgd_step_(params, summed_clipped_grads, **kw)
@@ -319,17 +315,17 @@ def _dpsgd_dispatch(params: list[Tensor], summed_clipped_grads: list[Tensor], lr
     else:
         kernel, gs = _compiled(backend, "dpsgd_step_"), _contiguous(summed_clipped_grads)
         std = noise_multiplier * max_grad_norm  # in double, as the reference
-        _run_inplace(params, lambda ps: kernel(ps, gs, lr, std, expected_batch_size, weight_decay, seed, step))
+        _run_inplace(params, lambda ps: kernel(ps, gs, lr, std, expected_batch_size, weight_decay, key, step))
 
 
-def _add_noise_dispatch(params: list[Tensor], sigma: float, seed: int, step: int, stream: int) -> None:
+def _add_noise_dispatch(params: list[Tensor], sigma: float, key: list[int], step: int, stream: int) -> None:
     device = params[0].device if params else torch.device("cpu")
     backend = select_backend("add_noise_", device, has_triton=False)
     if backend in ("cpp", "cuda") and _fp32(params):
         kernel = _compiled(backend, "add_noise_")
-        _run_inplace(params, lambda ps: kernel(ps, sigma, seed, step, stream))
+        _run_inplace(params, lambda ps: kernel(ps, sigma, key, step, stream))
     else:
-        _ref.add_noise_(params, sigma=sigma, seed=seed, step=step, stream=stream)
+        _ref.add_noise_(params, sigma=sigma, key=key, step=step, stream=stream)
 
 
 def _norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
@@ -345,53 +341,53 @@ def _register_step(name: str, reference: Callable, dispatch: Callable, fake: Cal
 
 
 def _gradient_clipping_reference(params: list[Tensor], grads: list[Tensor], lr: float, max_grad_norm: float,
-                                 weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
+                                 weight_decay: float, sigma: float, key: list[int], step: int, fp_key: list[int],
+                                 expected_fp: list[float]) -> Tensor:
     return _ref.gradient_clipping_step_(params, grads, lr=lr, max_grad_norm=max_grad_norm,
-                                        weight_decay=weight_decay, sigma=sigma, seed=seed, step=step)
-
-
-def _gradient_clipping_fake(params: list[Tensor], grads: list[Tensor], lr: float, max_grad_norm: float,
-                            weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
-    return params[0].new_empty((), dtype=_norm_dtype(grads))
+                                        weight_decay=weight_decay, sigma=sigma, key=key, step=step, fp_key=fp_key,
+                                        expected_fp=expected_fp)
 
 
 def _model_clipping_reference(params: list[Tensor], grads: list[Tensor], lr: float, max_model_norm: float,
-                              weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
+                              weight_decay: float, sigma: float, key: list[int], step: int, fp_key: list[int],
+                              expected_fp: list[float]) -> Tensor:
     return _ref.model_clipping_step_(params, grads, lr=lr, max_model_norm=max_model_norm,
-                                     weight_decay=weight_decay, sigma=sigma, seed=seed, step=step)
+                                     weight_decay=weight_decay, sigma=sigma, key=key, step=step, fp_key=fp_key,
+                                     expected_fp=expected_fp)
 
 
-def _model_clipping_fake(params: list[Tensor], grads: list[Tensor], lr: float, max_model_norm: float,
-                         weight_decay: float, sigma: float, seed: int, step: int) -> Tensor:
-    return params[0].new_empty((), dtype=_norm_dtype(params))
+def _step_result_fake(params: list[Tensor], grads: list[Tensor], lr: float, clip: float, weight_decay: float,
+                      sigma: float, key: list[int], step: int, fp_key: list[int], expected_fp: list[float]) -> Tensor:
+    return params[0].new_empty((6,), dtype=torch.float64)
 
 
 def _dpsgd_reference(params: list[Tensor], summed_clipped_grads: list[Tensor], lr: float, noise_multiplier: float,
-                     max_grad_norm: float, expected_batch_size: float, weight_decay: float, seed: int,
+                     max_grad_norm: float, expected_batch_size: float, weight_decay: float, key: list[int],
                      step: int) -> None:
     _ref.dpsgd_step_(params, summed_clipped_grads, lr=lr, noise_multiplier=noise_multiplier,
                      max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-                     weight_decay=weight_decay, seed=seed, step=step)
+                     weight_decay=weight_decay, key=key, step=step)
 
 
 def _dpsgd_fake(params: list[Tensor], summed_clipped_grads: list[Tensor], lr: float, noise_multiplier: float,
-                max_grad_norm: float, expected_batch_size: float, weight_decay: float, seed: int,
+                max_grad_norm: float, expected_batch_size: float, weight_decay: float, key: list[int],
                 step: int) -> None:
     return None
 
 
-def _add_noise_reference(params: list[Tensor], sigma: float, seed: int, step: int, stream: int) -> None:
-    _ref.add_noise_(params, sigma=sigma, seed=seed, step=step, stream=stream)
+def _add_noise_reference(params: list[Tensor], sigma: float, key: list[int], step: int, stream: int) -> None:
+    _ref.add_noise_(params, sigma=sigma, key=key, step=step, stream=stream)
 
 
-def _add_noise_fake(params: list[Tensor], sigma: float, seed: int, step: int, stream: int) -> None:
+def _add_noise_fake(params: list[Tensor], sigma: float, key: list[int], step: int, stream: int) -> None:
     return None
 
 
 gradient_clipping_op = _register_step("gradient_clipping_step_", _gradient_clipping_reference,
-                                      _gradient_clipping_dispatch, _gradient_clipping_fake)
-model_clipping_op = _register_step("model_clipping_step_", _model_clipping_reference, _model_clipping_dispatch,
-                                   _model_clipping_fake)
+                                      _clip_step_dispatch("gradient_clipping_step_", "max_grad_norm"),
+                                      _step_result_fake)
+model_clipping_op = _register_step("model_clipping_step_", _model_clipping_reference,
+                                   _clip_step_dispatch("model_clipping_step_", "max_model_norm"), _step_result_fake)
 dpsgd_op = _register_step("dpsgd_step_", _dpsgd_reference, _dpsgd_dispatch, _dpsgd_fake)
 add_noise_op = _register_step("add_noise_", _add_noise_reference, _add_noise_dispatch, _add_noise_fake)
 
@@ -455,23 +451,39 @@ per_sample_sq_norms_op.register_torch_dispatch(FunctionalTensorMode, _triton_dec
 # --------------------------------------------------------------------------------------------------
 # Plain helpers (not ops): noise generation and the global norm
 # --------------------------------------------------------------------------------------------------
-def gaussian_noise(numel: int, *, seed: int, step: int, offset: int = 0, stream: int = STREAM_UPDATE,
+def gaussian_noise(numel: int, *, key: Sequence[int], step: int, offset: int = 0, stream: int = STREAM_UPDATE,
                    device: torch.device | str = "cpu") -> Tensor:
-    """Counter-based standard normal float32 noise (``pyunlearn.ops.rng.gaussian_noise``), compiled where
-    the extension is live (C++ on CPU, CUDA on GPU), else the reference."""
-    from .rng import _check_seed, gaussian_noise as reference_noise
+    """Counter-mode standard normal float64 noise (``pyunlearn.ops.rng.gaussian_noise``, bit-identical on every
+    backend), compiled where the extension is live (C++ on CPU, CUDA on GPU), else the reference."""
+    from .rng import _check_counter, check_key, gaussian_noise as reference_noise
 
-    _check_seed(seed, step, stream)
+    key = check_key(key)
+    _check_counter(step, stream)
     device = torch.device(device)
     if numel < 0 or offset < 0:
         raise ValueError(f"gaussian_noise: numel and offset must be >= 0, got numel={numel}, offset={offset}")
     backend = select_backend("gaussian_noise", device, has_triton=False)
     if backend == "cpp":
-        return _cpp().gaussian_noise(int(numel), int(seed), int(step), int(offset), int(stream))
+        return _cpp().gaussian_noise(int(numel), key, int(step), int(offset), int(stream))
     if backend == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return _cpp().cuda_gaussian_noise(int(numel), int(seed), int(step), int(offset), int(stream), index)
-    return reference_noise(numel, seed=seed, step=step, offset=offset, stream=stream, device=device)
+        return _cpp().cuda_gaussian_noise(int(numel), key, int(step), int(offset), int(stream), index)
+    return reference_noise(numel, key=key, step=step, offset=offset, stream=stream, device=device)
+
+
+def fingerprint(tensors: Sequence[Tensor], fp_key: Sequence[int]) -> Tensor:
+    """float64 ``[keyed projection, sum of squares]`` of the tensors together (see
+    ``pyunlearn.ops.reference.fingerprint``); the step ops return the same values for their passes."""
+    tensors = list(tensors)
+    fp_key = [int(k) for k in fp_key]
+    if not tensors or not _fp32(tensors) or any(t.device != tensors[0].device for t in tensors):
+        return _ref.fingerprint(tensors, fp_key)
+    backend = select_backend("fingerprint", tensors[0].device)
+    if backend == "triton":
+        return _run_triton("fingerprint", tensors[0].device, tensors, fp_key=fp_key)
+    if backend in ("cpp", "cuda"):
+        return _compiled(backend, "fingerprint")(_contiguous(tensors), fp_key)
+    return _ref.fingerprint(tensors, fp_key)
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:

@@ -7,6 +7,9 @@ planned step taken, and the parameters changed by nothing but this optimizer.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import math
 import secrets
 from typing import Any, Iterable, Optional
@@ -15,18 +18,29 @@ import torch
 
 from .. import certify, ops
 from .._validation import count, probability
+from ..ops import rng
+from ..ops.reference import STATUS_NONFINITE, STATUS_OK, STATUS_TAMPERED, fingerprint_matches
 
 _GLOBAL_KEY = "certified"
+#: Largest share of ``delta`` the sampler's distance to the ideal Gaussian may take (else: refused).
+MAX_NOISE_DELTA_SHARE = 0.1
 
 
 def draw_secure_seed() -> int:
-    """A 63-bit seed from the operating system's entropy, the same on every rank of a DDP job."""
+    """A 63-bit seed from the operating system's entropy, the same on every rank of a DDP job (for batch
+    orders and other non-secret randomness; noise keys come from :func:`pyunlearn.ops.rng.secret_key`)."""
     seed = secrets.randbits(63)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         holder = [seed]  # an object broadcast works on every backend (NCCL included)
         torch.distributed.broadcast_object_list(holder, src=0)
         seed = int(holder[0])
     return seed
+
+
+def noise_key(seed: Optional[int], label: str) -> list[int]:
+    """The noise key of an operator: derived from ``(seed, label)`` when seeded (reproducible, NOT secret),
+    else 256 fresh bits from the operating system."""
+    return rng.key_from_seed(seed, label) if seed is not None else rng.secret_key()
 
 
 #: NOTE: the fused kernels clip in float32; measured clipped norms reach C (1 + 1.5e-7). The accounting
@@ -53,15 +67,58 @@ def project_(params: list[torch.Tensor], radius: float) -> None:
         p.mul_(factor.to(p.dtype))
 
 
-def _fingerprint(params: list[torch.Tensor]) -> list[float]:
-    """Sum and L2 norm of each tensor in float64. Any ordinary edit (an optimizer step, a loaded state,
-    a manual change) moves them; a mere permutation of elements within one tensor would not."""
-    with torch.no_grad():
-        values = []
-        for p in params:
-            values.append(p.sum(dtype=torch.float64))
-            values.append(torch.linalg.vector_norm(p, dtype=torch.float64))
-        return torch.stack(values).tolist() if values else []
+def noise_delta(*, coordinates: int, draws: int, epsilon: float, delta: float, where: str) -> float:
+    """The sampler's share of ``delta`` (:func:`pyunlearn.ops.rng.noise_tv_bound`); raises
+    :class:`~pyunlearn.certify.CertificateError` past ``MAX_NOISE_DELTA_SHARE * delta``."""
+    share = rng.noise_tv_bound(coordinates=coordinates, steps=draws, epsilon=epsilon)
+    if share > MAX_NOISE_DELTA_SHARE * delta:
+        raise certify.CertificateError(
+            f"{where}: the noise sampler's distance to the ideal Gaussian over {draws} draws of {coordinates} "
+            f"coordinates adds {share:.3g} to delta, more than {MAX_NOISE_DELTA_SHARE:.0%} of delta = {delta:.3g}; "
+            "ask for a larger delta or fewer noisy steps")
+    return share
+
+
+class FrozenGroup(dict):
+    """A parameter group whose hyper-parameters cannot change: the certificate is the analysis of the
+    values fixed at construction. Writes raise ``RuntimeError`` naming the key (an LR scheduler's
+    ``initial_lr`` included)."""
+
+    def _refuse(self, key: Any) -> None:
+        hint = (" (an LR scheduler: certified optimizers fix their learning rate, since the certificate is "
+                "computed for it)" if key in ("initial_lr", "lr") else "")
+        raise RuntimeError(f"the hyper-parameters of a certified optimizer are fixed at construction; refusing "
+                           f"to set {key!r}{hint}. Build a new optimizer with the values you want.")
+
+    def __setitem__(self, key, value):
+        self._refuse(key)
+
+    def __delitem__(self, key):
+        self._refuse(key)
+
+    def setdefault(self, key, default=None):
+        if key in self:
+            return self[key]
+        self._refuse(key)
+
+    def update(self, *args, **kwargs):
+        self._refuse(next(iter(dict(*args, **kwargs)), "?"))
+
+    def pop(self, key, *default):
+        self._refuse(key)
+
+    def popitem(self):
+        self._refuse("?")
+
+    def clear(self):
+        self._refuse("?")
+
+    def __ior__(self, other):
+        self._refuse(next(iter(other), "?"))
+
+
+def _hyper_of(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k not in ("params", "param_names")}
 
 
 class CertifiedOptimizer(torch.optim.Optimizer):
@@ -104,8 +161,15 @@ class CertifiedOptimizer(torch.optim.Optimizer):
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
                 raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         self.seeded = seed is not None
-        self.seed = seed if seed is not None else draw_secure_seed()
+        self.seed = seed
+        self._key = noise_key(seed, self.operator)
+        self._fp_key = [secrets.randbits(32), secrets.randbits(32)]
         self.step_count = 0
+        self.coordinates = sum(p.numel() for p in group["params"])
+        # Frozen: every hyper-parameter and the parameter list itself (ids) are fixed from here on.
+        self.param_groups[0] = FrozenGroup(group)
+        self._frozen = _hyper_of(group)
+        self._param_ids = [id(p) for p in group["params"]]
         self._ready = True
 
     # ------------------------------------------------------------------ helpers for subclasses
@@ -136,26 +200,43 @@ class CertifiedOptimizer(torch.optim.Optimizer):
         must be taken at the projected model) and record the parameters."""
         for p in self.params:
             p.grad = None
-        self._seal()
+        self._fingerprint = ops.fingerprint(self.params, self._fp_key).tolist()
 
-    def _seal(self) -> None:
-        """Record the parameters as this optimizer left them."""
-        self._fingerprint = _fingerprint(self.params)
+    def _tampered(self, where: str) -> certify.CertificateError:
+        return certify.CertificateError(
+            f"{where}: the certified parameters were changed outside {type(self).__name__} since its last step "
+            "(another optimizer, load_state_dict, or a manual edit); the run no longer matches the analysis. "
+            "Start a new optimizer from the current model.")
 
     def _check_untouched(self, where: str, expected: Optional[list[float]] = None) -> None:
+        """The keyed fingerprint of the parameters equals ``expected`` (default: the last step's).
+        NOTE: a relative tolerance (reference.FP_RTOL), because float64 reductions may round differently
+        across backends; any edit of the values, permutations included, moves the keyed projection more."""
         expected = self._fingerprint if expected is None else expected
-        # NOTE: a relative tolerance, because float64 reductions may round differently across machines
-        # or thread counts (a resumed run); any real edit of the parameters moves these far more.
-        current = _fingerprint(self.params)
-        if len(current) != len(expected) or not all(
-                math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-30) for a, b in zip(current, expected)):
-            raise certify.CertificateError(
-                f"{where}: the certified parameters were changed outside {type(self).__name__} since its last "
-                "step (another optimizer, load_state_dict, or a manual edit); the run no longer matches the "
-                "analysis. Start a new optimizer from the current model.")
+        if not fingerprint_matches(ops.fingerprint(self.params, self._fp_key).tolist(), list(expected)):
+            raise self._tampered(where)
+
+    def _check_frozen(self, where: str) -> None:
+        group = self.param_groups[0] if len(self.param_groups) == 1 else None
+        if group is None or [id(p) for p in group["params"]] != self._param_ids:
+            raise RuntimeError(f"{where}: the parameter list of {type(self).__name__} was changed after "
+                               "construction; the certificate covers a fixed parameter set")
+        current = _hyper_of(group)
+        changed = sorted(k for k in set(current) | set(self._frozen)
+                         if k not in current or k not in self._frozen or current[k] != self._frozen[k])
+        if changed:
+            raise RuntimeError(f"{where}: hyper-parameter(s) {changed} of {type(self).__name__} changed after "
+                               "construction (an LR scheduler or a manual edit); the certificate is the analysis "
+                               "of the values fixed at construction, so the step was not taken")
 
     def _gradients(self) -> list[torch.Tensor]:
-        """Dense, finite gradients (zeros for parameters that got none); raises before anything changes."""
+        """Dense gradients (zeros for parameters that got none, but at least one must have one); raises
+        before anything changes. Finiteness is checked by the fused step itself (its norm pass)."""
+        if all(p.grad is None for p in self.params):
+            raise certify.CertificateError(
+                f"{type(self).__name__}: no certified parameter received a gradient in step {self.step_count}. "
+                "Were the model's parameters replaced (e.g. load_state_dict(..., assign=True)) after the optimizer "
+                "was built? The optimizer steps the tensors it was given; build it from the current model.")
         grads = []
         for i, p in enumerate(self.params):
             g = p.grad
@@ -173,12 +254,30 @@ class CertifiedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"gradient of parameter {self._name(i)} is on {g.device} but the parameter "
                                  f"is on {p.device}")
             grads.append(g)
-        finite = torch.stack([torch.isfinite(g).all() for g in grads])
-        if not bool(finite.all()):
-            bad = int((~finite).nonzero()[0])
-            raise ValueError(f"gradient of parameter {self._name(bad)} contains NaN or Inf; "
-                             "the step was not taken and the parameters are unchanged")
         return grads
+
+    def _nonfinite(self, grads: list[torch.Tensor], what: str) -> ValueError:
+        """The error for a non-finite norm (slow path: names the first offending parameter)."""
+        for i, g in enumerate(grads):
+            if not bool(torch.isfinite(g).all()):
+                return ValueError(f"gradient of parameter {self._name(i)} contains NaN or Inf; the step was not "
+                                  "taken and the parameters are unchanged")
+        return ValueError(f"the {what} is not finite (it overflows); the step was not taken and the parameters "
+                          "are unchanged")
+
+    def _finish_step(self, result: torch.Tensor, grads: list[torch.Tensor], what: str) -> float:
+        """Reads a fused step's result ``[status, norm, old_fp, new_fp]``; raises on a refused step (the
+        parameters are then unchanged) and records the new fingerprint. Returns the norm."""
+        values = result.tolist()
+        status = int(values[0])
+        if status == STATUS_TAMPERED:
+            raise self._tampered(f"step {self.step_count}")
+        if status == STATUS_NONFINITE:
+            raise self._nonfinite(grads, what)
+        if status != STATUS_OK:  # pragma: no cover - kernel contract
+            raise RuntimeError(f"unexpected step status {status}")
+        self._fingerprint = values[4:6]
+        return values[1]
 
     # ------------------------------------------------------------------ public API
     # NOTE: never traced by torch.compile (a call inside a compiled function is a graph break and runs
@@ -196,22 +295,22 @@ class CertifiedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 f"{type(self).__name__}: all {self.steps} planned steps are done. Fine-tune further with a "
                 "plain optimizer on retain data only (post-processing keeps the guarantee).")
-        self._check_untouched(f"step {self.step_count}")
+        self._check_frozen(f"step {self.step_count}")
         grads = self._gradients()
-        self._apply(grads)
+        self._apply(grads)  # the fused kernel checks the fingerprint before writing anything
         self.step_count += 1
-        self._seal()
         return loss
 
     def _apply(self, grads: list[torch.Tensor]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def epsilon(self) -> float:  # pragma: no cover - abstract
+    def epsilon(self, delta: Optional[float] = None) -> float:  # pragma: no cover - abstract
+        """The analysis' epsilon at ``delta`` (default: the run's delta, the sampler's share not removed)."""
         raise NotImplementedError
 
     def _assumptions(self) -> list[str]:
-        noise = ("noise seeded by the user: reproducible, NOT secret; for testing and reproducibility only"
-                 if self.seeded else "noise seed drawn from the operating system's entropy and kept secret")
+        noise = ("noise key derived from a user seed: reproducible, NOT secret; for testing and reproducibility only"
+                 if self.seeded else "256-bit noise key drawn from the operating system's entropy, never stored")
         return [
             "the certified parameters are exactly the listed ones; every other parameter of the model never saw "
             "the private training data (e.g. a frozen public encoder)",
@@ -219,7 +318,11 @@ class CertifiedOptimizer(torch.optim.Optimizer):
             f"all {self.steps} planned steps were taken by this optimizer and nothing else changed the parameters",
             "any later training uses retain data only (post-processing)",
             "only the final parameters are released (not intermediate models, losses or gradient norms)",
+            "the model has no floating-point buffers in the certified modules (they would escape the noise)",
             noise,
+            "noise: ChaCha20 (RFC 8439) counter mode, float64 Box-Muller from 128-bit uniforms, centre + noise "
+            "rounded once; delta includes the sampler's total-variation distance to the Gaussian (noise_delta), "
+            "float64 evaluation error not counted",
         ]
 
     def certificate(self) -> certify.Certificate:
@@ -228,50 +331,101 @@ class CertifiedOptimizer(torch.optim.Optimizer):
             raise certify.CertificateError(
                 f"{type(self).__name__}: only {self.step_count} of the {self.steps} planned steps were taken; "
                 "no certificate for an incomplete run")
+        self._check_frozen("certificate")
         self._check_untouched("certificate")
-        eps = self.epsilon()
-        if not math.isfinite(eps):
-            raise certify.CertificateError(f"{type(self).__name__}: the analysis gives no finite epsilon")
-        hyper = {k: v for k, v in self.hyper.items() if k not in ("params", "param_names")}
+        eps, share = self._certified_epsilon()
+        hyper = _hyper_of(self.hyper)
         hyper.update(steps=self.steps, seed=self.seed if self.seeded else None)
         return certify.Certificate(epsilon=eps, delta=self.delta, operator=self.operator, hyperparameters=hyper,
                                    parameters=self.param_names(), assumptions=self._assumptions(),
-                                   seeded=self.seeded)
+                                   seeded=self.seeded, noise_delta=share)
+
+    # Accounting with the sampler's share of delta ------------------------------------------------
+    def _noise_draws(self) -> int:
+        """Number of noise vectors the run adds to the certified parameters."""
+        return self.steps
+
+    def _calibration_delta(self, epsilon: float) -> float:
+        """The delta the analysis may use when calibrating sigma for a target ``epsilon``."""
+        share = noise_delta(coordinates=self.coordinates, draws=self._noise_draws(), epsilon=epsilon,
+                            delta=self.delta, where=type(self).__name__)
+        return self.delta - share
+
+    def _certified_epsilon(self) -> tuple[float, float]:
+        """(epsilon, noise share) with ``analysis delta + noise share <= delta``."""
+        eps = self.epsilon(self.delta)
+        if not math.isfinite(eps):
+            raise certify.CertificateError(f"{type(self).__name__}: the analysis gives no finite epsilon")
+        # The share grows with epsilon: analyse at delta minus the share of a larger epsilon, then check.
+        cap = max(2.0 * eps, eps + 1.0)
+        while True:
+            share_cap = noise_delta(coordinates=self.coordinates, draws=self._noise_draws(), epsilon=cap,
+                                    delta=self.delta, where=type(self).__name__)
+            eps = self.epsilon(self.delta - share_cap)
+            if eps <= cap:
+                return eps, noise_delta(coordinates=self.coordinates, draws=self._noise_draws(), epsilon=eps,
+                                        delta=self.delta, where=type(self).__name__)
+            cap *= 2.0
+
+    # State ---------------------------------------------------------------------------------------
+    def _run_identity(self) -> dict[str, Any]:
+        return {"operator": self.operator, "steps": self.steps, "delta": self.delta, "seeded": self.seeded,
+                "seed": self.seed if self.seeded else None, "hyper": self._frozen,
+                "param_shapes": [list(p.shape) for p in self.params]}
+
+    @staticmethod
+    def _tag(body: dict[str, Any]) -> str:
+        """Integrity tag of a saved state. NOTE: keyed with the state's own fingerprint key, so it catches
+        edits and truncation, not a forger who runs this code; checkpoints on disk are authenticated with a
+        key kept outside them (pyunlearn.checkpoint)."""
+        key = b"pyunlearn/optimizer-state/v1" + b"".join(int(k).to_bytes(4, "little") for k in body["fp_key"])
+        message = json.dumps(body, sort_keys=True, default=float).encode()
+        return hmac.new(key, message, hashlib.sha256).hexdigest()
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state[_GLOBAL_KEY] = {
-            "operator": self.operator,
-            "step_count": self.step_count,
-            "steps": self.steps,
-            "delta": self.delta,
-            # A secret seed never leaves the process: with it the noise could be regenerated.
-            "seed": self.seed if self.seeded else None,
-            "seeded": self.seeded,
-            "fingerprint": list(self._fingerprint),
-        }
-        return state
+        """The run's state: the step count, the identity of the run (hyper-parameters, seeding) and the
+        fingerprint of the parameters as this optimizer left them, under an integrity tag. A secret noise
+        key never leaves the process."""
+        body = {"identity": self._run_identity(), "step_count": self.step_count,
+                "fingerprint": list(self._fingerprint), "fp_key": list(self._fp_key)}
+        return {"state": {}, "param_groups": [dict(_hyper_of(self.hyper), params=list(range(len(self.params))))],
+                _GLOBAL_KEY: dict(body, tag=self._tag(body))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if _GLOBAL_KEY not in state_dict:
+        """Resume a run: refused unless the state is intact, comes from the same run (operator, steps, delta,
+        every hyper-parameter, the same seed or likewise secret noise) and the model's parameters are the
+        ones the saved optimizer left. With secret noise the remaining steps use this optimizer's fresh
+        secret key (the analysis allows it: the earlier noise is already in the parameters)."""
+        if not isinstance(state_dict, dict) or _GLOBAL_KEY not in state_dict:
             raise ValueError(f"not a {type(self).__name__} state_dict: missing the '{_GLOBAL_KEY}' entry")
-        saved = state_dict[_GLOBAL_KEY]
-        if saved.get("operator") != self.operator:
-            raise ValueError(f"state_dict is for operator {saved.get('operator')!r}, this is {self.operator!r}")
-        mismatched = [k for k in self._identity_keys
-                      if not math.isclose(float(state_dict["param_groups"][0][k]), float(self.hyper[k]),
-                                          rel_tol=1e-12, abs_tol=0.0)]
-        if saved["steps"] != self.steps or not math.isclose(saved["delta"], self.delta, rel_tol=1e-12):
-            mismatched.append("steps/delta")
-        if mismatched:
-            raise ValueError(f"state_dict hyper-parameters differ from this optimizer's: {mismatched}")
-        self._check_untouched("load_state_dict (the model's parameters do not match the checkpoint)",
-                              expected=list(saved["fingerprint"]))
-        plain = {k: v for k, v in state_dict.items() if k != _GLOBAL_KEY}
-        super().load_state_dict(plain)
-        self.step_count = int(saved["step_count"])
-        self.seeded = bool(saved["seeded"])
-        # A resumed run with secret noise continues with a fresh secret seed: the remaining steps get
-        # independent noise, which the analysis allows (the earlier noise is already in the parameters).
-        self.seed = int(saved["seed"]) if self.seeded else draw_secure_seed()
+        saved = dict(state_dict[_GLOBAL_KEY])
+        tag = saved.pop("tag", None)
+        try:
+            intact = tag is not None and hmac.compare_digest(str(tag), self._tag(saved))
+        except (KeyError, TypeError, ValueError):
+            intact = False
+        if not intact:
+            raise ValueError("state_dict was modified or truncated (its integrity tag does not match); refusing it")
+        if state_dict.get("state"):
+            raise ValueError(f"{type(self).__name__} keeps no per-parameter state, but the state_dict has some")
+        identity, mine = saved["identity"], json.loads(json.dumps(self._run_identity(), default=float))
+        if identity.get("operator") != self.operator:
+            raise ValueError(f"state_dict is for operator {identity.get('operator')!r}, this is {self.operator!r}")
+        if identity["seeded"] != self.seeded or identity["seed"] != mine["seed"]:
+            saved_kind = f"seed {identity['seed']}" if identity["seeded"] else "secret noise"
+            this_kind = f"seed {self.seed}" if self.seeded else "secret noise"
+            raise ValueError(f"state_dict comes from a run with {saved_kind}; this optimizer has {this_kind}. "
+                             "Resume with the same noise_seed (or again without one).")
+        differing = sorted(k for k in set(identity) | set(mine) if identity.get(k) != mine.get(k))
+        if differing:
+            detail = [f"{k}: saved {identity.get(k)!r}, here {mine.get(k)!r}" for k in differing]
+            raise ValueError(f"state_dict comes from another run: {'; '.join(detail)}")
+        step_count = saved["step_count"]
+        if isinstance(step_count, bool) or not isinstance(step_count, int) or not 0 <= step_count <= self.steps:
+            raise ValueError(f"state_dict step_count must be an int in [0, {self.steps}], got {step_count!r}")
+        fp_key = [int(k) for k in saved["fp_key"]]
+        if not fingerprint_matches(ops.fingerprint(self.params, fp_key).tolist(), list(saved["fingerprint"])):
+            raise self._tampered("load_state_dict (the model's parameters do not match the checkpoint)")
+        self.step_count = step_count
+        self._fp_key = fp_key
         self._fingerprint = list(saved["fingerprint"])

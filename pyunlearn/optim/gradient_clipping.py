@@ -5,10 +5,9 @@ from typing import Iterable, Optional
 
 import torch
 
-from .. import certify, ops
+from .. import _validation, certify, ops
 from .._validation import positive
 from ._certified import CLIP_SLACK, CertifiedOptimizer, float32_up, project_
-from .. import _validation
 
 
 class GradientClipping(CertifiedOptimizer):
@@ -22,8 +21,9 @@ class GradientClipping(CertifiedOptimizer):
 
     Give either ``sigma=`` or ``epsilon=`` (then ``sigma`` is calibrated for ``(epsilon, delta)`` over
     ``steps`` steps). ``delta`` and ``steps`` are always required: the certificate is issued after
-    exactly ``steps`` steps. ``seed=`` makes the noise reproducible (and not secret); without it the
-    seed comes from the operating system's entropy.
+    exactly ``steps`` steps. ``seed=`` derives the noise key from the seed (reproducible, NOT secret);
+    without it the 256-bit ChaCha20 key comes from the operating system's entropy and is never stored.
+    Hyper-parameters are frozen after construction (an LR scheduler or an edit of ``param_groups`` raises).
     """
 
     operator = "gradient_clipping"
@@ -42,28 +42,37 @@ class GradientClipping(CertifiedOptimizer):
         _validation.probability(delta, "delta")
         if (sigma is None) == (epsilon is None):
             raise ValueError("pass exactly one of sigma= (noise level) or epsilon= (to calibrate sigma)")
-        accounting = dict(steps=steps, lr=lr, c0=c0 * CLIP_SLACK, c1=c1 * CLIP_SLACK, weight_decay=weight_decay)
         if sigma is None:
             epsilon = positive(epsilon, "epsilon")
-            sigma = certify.sigma_gradient_clipping(epsilon=epsilon, delta=delta, **accounting)
         else:
             sigma = positive(sigma, "sigma", allow_zero=True)
-        sigma = float32_up(sigma)
-        defaults = dict(lr=lr, c0=c0, c1=c1, weight_decay=weight_decay, sigma=sigma)
+        # sigma is calibrated after the base class knows the parameter count (the sampler's share of delta).
+        defaults = dict(lr=lr, c0=c0, c1=c1, weight_decay=weight_decay, sigma=0.0 if sigma is None else sigma)
         super().__init__(params, defaults, delta=delta, steps=steps, seed=seed, secure_rng=secure_rng)
+        if sigma is None:
+            sigma = certify.sigma_gradient_clipping(epsilon=epsilon, delta=self._calibration_delta(epsilon),
+                                                    **self._accounting())
+        dict.__setitem__(self.hyper, "sigma", float32_up(sigma))
+        self._frozen["sigma"] = self.hyper["sigma"]
         project_(self.params, c0)
         self._start()
 
-    def _apply(self, grads: list[torch.Tensor]) -> None:
-        h = self.hyper
-        self.last_grad_norm = float(ops.gradient_clipping_step_(
-            self.params, grads, lr=h["lr"], max_grad_norm=h["c1"], weight_decay=h["weight_decay"],
-            sigma=h["sigma"], seed=self.seed, step=self.step_count))
+    def _accounting(self) -> dict:
+        h = self._frozen
+        return dict(steps=self.steps, lr=h["lr"], c0=h["c0"] * CLIP_SLACK, c1=h["c1"] * CLIP_SLACK,
+                    weight_decay=h["weight_decay"])
 
-    def epsilon(self) -> float:
-        h = self.hyper
-        if h["sigma"] == 0:
+    def _apply(self, grads: list[torch.Tensor]) -> None:
+        h = self._frozen
+        result = ops.gradient_clipping_step_(
+            self.params, grads, lr=h["lr"], max_grad_norm=h["c1"], weight_decay=h["weight_decay"],
+            sigma=h["sigma"], key=self._key, step=self.step_count, fp_key=self._fp_key,
+            expected_fp=self._fingerprint)
+        self.last_grad_norm = self._finish_step(result, grads, "gradient norm")
+
+    def epsilon(self, delta: Optional[float] = None) -> float:
+        sigma = self._frozen["sigma"]
+        if sigma == 0:
             return float("inf")
-        return certify.epsilon_gradient_clipping(sigma=h["sigma"], delta=self.delta, steps=self.steps, lr=h["lr"],
-                                                 c0=h["c0"] * CLIP_SLACK, c1=h["c1"] * CLIP_SLACK,
-                                                 weight_decay=h["weight_decay"])
+        return certify.epsilon_gradient_clipping(sigma=sigma, delta=self.delta if delta is None else delta,
+                                                 **self._accounting())

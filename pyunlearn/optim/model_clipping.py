@@ -70,26 +70,35 @@ class ModelClipping(CertifiedOptimizer):
             raise ValueError("pass exactly one of sigma= (noise level) or epsilon= (to calibrate sigma)")
         if sigma is None:
             epsilon = positive(epsilon, "epsilon")
-            sigma = certify.sigma_model_clipping(epsilon=epsilon, delta=delta, sigma0=sigma0, steps=steps,
-                                                 c0=c0 * CLIP_SLACK, c2=c2 * CLIP_SLACK)
         else:
             sigma = positive(sigma, "sigma", allow_zero=True)
-        sigma = float32_up(sigma)
         self.target_epsilon = epsilon
-        defaults = dict(lr=lr, c0=c0, c2=c2, weight_decay=weight_decay, sigma=sigma, sigma0=sigma0)
+        defaults = dict(lr=lr, c0=c0, c2=c2, weight_decay=weight_decay, sigma=0.0 if sigma is None else sigma,
+                        sigma0=sigma0)
         super().__init__(params, defaults, delta=delta, steps=steps, seed=seed, secure_rng=secure_rng)
+        if sigma is None:
+            sigma = certify.sigma_model_clipping(epsilon=epsilon, delta=self._calibration_delta(epsilon),
+                                                 sigma0=sigma0, steps=steps, c0=c0 * CLIP_SLACK, c2=c2 * CLIP_SLACK)
+        dict.__setitem__(self.hyper, "sigma", float32_up(sigma))
+        self._frozen["sigma"] = self.hyper["sigma"]
         with torch.no_grad():
             project_(self.params, c0)
-            ops.add_noise_(self.params, sigma=sigma0, seed=self.seed, step=0, stream=STREAM_INIT)
+            ops.add_noise_(self.params, sigma=sigma0, key=self._key, step=0, stream=STREAM_INIT)
         self._start()
 
-    def _apply(self, grads: list[torch.Tensor]) -> None:
-        h = self.hyper
-        self.last_model_norm = float(ops.model_clipping_step_(
-            self.params, grads, lr=h["lr"], max_model_norm=h["c2"], weight_decay=h["weight_decay"],
-            sigma=h["sigma"], seed=self.seed, step=self.step_count))
+    def _noise_draws(self) -> int:
+        return self.steps + (1 if self._frozen["sigma0"] > 0 else 0)
 
-    def epsilon(self) -> float:
-        h = self.hyper
-        return epsilon_model_clipping(delta=self.delta, sigma=h["sigma"], sigma0=h["sigma0"], steps=self.steps,
-                                      c0=h["c0"] * CLIP_SLACK, c2=h["c2"] * CLIP_SLACK, target=self.target_epsilon)
+    def _apply(self, grads: list[torch.Tensor]) -> None:
+        h = self._frozen
+        result = ops.model_clipping_step_(
+            self.params, grads, lr=h["lr"], max_model_norm=h["c2"], weight_decay=h["weight_decay"],
+            sigma=h["sigma"], key=self._key, step=self.step_count, fp_key=self._fp_key,
+            expected_fp=self._fingerprint)
+        self.last_model_norm = self._finish_step(result, grads, "updated model's norm")
+
+    def epsilon(self, delta: Optional[float] = None) -> float:
+        h = self._frozen
+        return epsilon_model_clipping(delta=self.delta if delta is None else delta, sigma=h["sigma"],
+                                      sigma0=h["sigma0"], steps=self.steps, c0=h["c0"] * CLIP_SLACK,
+                                      c2=h["c2"] * CLIP_SLACK, target=self.target_epsilon)
