@@ -23,7 +23,7 @@ from .._validation import count, positive
 from ..checkpoint import load_checkpoint, model_identity, save_checkpoint
 from ..losses import masked_cross_entropy
 from ..optim import GradientClipping, ModelClipping
-from ..optim._certified import draw_secure_seed, project_
+from ..optim._certified import noise_key, project_
 from ..ops.rng import STREAM_INIT
 from .data import SegmentationUnlearningData
 
@@ -442,10 +442,10 @@ def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, e
     seeded = noise_seed is not None
     if seeded and (isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or not 0 <= noise_seed < 2**63):
         raise ValueError(f"noise_seed must be an int in [0, 2**63), got {noise_seed!r}")
-    noise_seed = noise_seed if seeded else draw_secure_seed()
+    key = noise_key(noise_seed if seeded else None, "output_perturbation")
     with torch.no_grad():
         project_(params, c0)
-        ops.add_noise_(params, sigma=sigma0, seed=noise_seed, step=0, stream=STREAM_INIT)
+        ops.add_noise_(params, sigma=sigma0, key=key, step=0, stream=STREAM_INIT)
     record = {"losses": [], "trajectory": []}
     if eval_fn is not None and eval_every:
         record["trajectory"].append({"step": 0, **_evaluate(eval_fn, model)})
