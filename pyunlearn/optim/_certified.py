@@ -356,16 +356,18 @@ class CertifiedOptimizer(torch.optim.Optimizer):
         eps = self.epsilon(self.delta)
         if not math.isfinite(eps):
             raise certify.CertificateError(f"{type(self).__name__}: the analysis gives no finite epsilon")
-        # The share grows with epsilon: analyse at delta minus the share of a larger epsilon, then check.
-        cap = max(2.0 * eps, eps + 1.0)
+        # The share grows with epsilon: analyse at delta minus the share at a slightly larger epsilon (the
+        # share is ~1e-16 of delta, so the analysis' epsilon barely moves), then check it stayed below.
+        margin = 1e-9 + 1e-6 * eps
         while True:
+            cap = eps + margin
             share_cap = noise_delta(coordinates=self.coordinates, draws=self._noise_draws(), epsilon=cap,
                                     delta=self.delta, where=type(self).__name__)
-            eps = self.epsilon(self.delta - share_cap)
-            if eps <= cap:
-                return eps, noise_delta(coordinates=self.coordinates, draws=self._noise_draws(), epsilon=eps,
-                                        delta=self.delta, where=type(self).__name__)
-            cap *= 2.0
+            analysed = self.epsilon(self.delta - share_cap)
+            if analysed <= cap:
+                return analysed, noise_delta(coordinates=self.coordinates, draws=self._noise_draws(),
+                                             epsilon=analysed, delta=self.delta, where=type(self).__name__)
+            margin *= 4.0
 
     # State ---------------------------------------------------------------------------------------
     def _run_identity(self) -> dict[str, Any]:
