@@ -9,6 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from scipy.stats import norm
 
+from pyunlearn._precision import CLIP_SLACK
 from pyunlearn.certify import (
     Certificate,
     CertificateError,
@@ -234,23 +235,6 @@ def test_model_clipping_needs_few_steps():
     assert all(a > b for a, b in zip(s, s[1:]))
 
 
-# ------------------------------------------------------------------ output perturbation
-@given(eps=st.floats(0.01, 1.0), delta=deltas, c0=cs)
-def test_output_perturbation_classical(eps, delta, c0):
-    sigma = sigma_output_perturbation(epsilon=eps, delta=delta, c0=c0)
-    assert sigma == pytest.approx(2 * c0 * math.sqrt(2 * math.log(1.25 / delta)) / eps, rel=1e-12)
-    # The classical bound is valid here: the exact delta at that sigma is below the target.
-    assert hockey_stick_gaussian(eps, 2 * c0 / sigma) <= delta
-
-
-@given(eps=st.floats(1.0, 50.0, exclude_min=True), delta=deltas, c0=cs)
-def test_output_perturbation_analytic(eps, delta, c0):
-    sigma = sigma_output_perturbation(epsilon=eps, delta=delta, c0=c0)
-    assert hockey_stick_gaussian(eps, 2 * c0 / sigma) <= delta
-    assert hockey_stick_gaussian(eps, 2 * c0 / (sigma * (1 - 1e-6))) > delta
-    assert sigma_output_perturbation(epsilon=eps, delta=delta, c0=0.0) == 0.0
-
-
 # ------------------------------------------------------------------ certificates
 json_scalars = st.none() | st.booleans() | st.integers(-10**9, 10**9) | \
     st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
@@ -373,3 +357,100 @@ def test_non_numbers_raise_type_error():
         epsilon_gradient_clipping(**{**GC, "sigma": "1.0"})
     with pytest.raises(TypeError, match="steps"):
         delta_model_clipping(**{**MC, "steps": True})
+
+
+# ------------------------------------------------------------------ output perturbation
+def op_sensitivity(c0: float) -> float:
+    """The sensitivity the accounting uses: 2 c0, inflated by the float32 kernels' clip slack."""
+    return 2.0 * c0 * CLIP_SLACK
+
+
+def brute_force_sigma_op(eps: float, delta: float, sens: float) -> float:
+    """The analytic Gaussian mechanism by plain bisection on sigma with scipy.stats.norm (direct formula)."""
+    def delta_at(sigma):
+        a, b = sens / (2 * sigma), eps * sigma / sens
+        return norm.cdf(a - b) - math.exp(eps) * norm.cdf(-a - b)
+
+    lo, hi = 1e-6 * sens, 1e6 * sens
+    assert delta_at(lo) > delta >= delta_at(hi)
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if delta_at(mid) > delta else (lo, mid)
+    return hi
+
+
+def assert_float32(x: float) -> None:
+    assert float(np.float32(x)) == x
+
+
+@given(eps=log_uniform(0.01, 50.0), delta=deltas, c0=cs)
+def test_output_perturbation_analytic_is_exact(eps, delta, c0):
+    sigma = sigma_output_perturbation(epsilon=eps, delta=delta, c0=c0)
+    assert_float32(sigma)
+    sens = op_sensitivity(c0)
+    assert hockey_stick_gaussian(eps, sens / sigma) <= delta
+    assert hockey_stick_gaussian(eps, sens / (sigma * (1 - 1e-6))) > delta
+    assert sigma_output_perturbation(epsilon=eps, delta=delta, c0=0.0) == 0.0
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.5, 1.0, 2.0, 8.0, 30.0])
+@pytest.mark.parametrize("delta", [1e-3, 1e-5, 1e-9])
+def test_output_perturbation_matches_brute_force(eps, delta):
+    c0 = 0.7
+    sigma = sigma_output_perturbation(epsilon=eps, delta=delta, c0=c0)
+    exact = brute_force_sigma_op(eps, delta, op_sensitivity(c0))
+    assert_float32(sigma)
+    assert sigma >= exact * (1 - 1e-12)      # never less noise than the exact mechanism needs ...
+    assert sigma <= exact * (1 + 2 ** -23)   # ... and at most one float32 rounding more
+
+
+@pytest.mark.parametrize("eps, percent", [(0.5, 27), (1.0, 23)])
+def test_output_perturbation_below_classical(eps, percent):
+    delta, c0 = 1e-5, 1.0
+    classical = 2 * c0 * math.sqrt(2 * math.log(1.25 / delta)) / eps
+    sigma = sigma_output_perturbation(epsilon=eps, delta=delta, c0=c0)
+    saving = 1 - sigma / classical
+    assert round(100 * saving) == percent and 0.225 <= saving <= 0.31
+    # The classical formula certified too (it is valid at eps <= 1), only with more noise.
+    assert hockey_stick_gaussian(eps, op_sensitivity(c0) / classical) < delta
+
+
+def test_output_perturbation_extreme_but_valid_inputs():
+    base = dict(epsilon=1.0, delta=1e-5, c0=1.0)
+    # epsilon -> 0: the needed noise tends to that of (0, delta), sens / (delta sqrt(2 pi)), not to infinity.
+    sigma = sigma_output_perturbation(**{**base, "epsilon": 1e-300})
+    assert sigma == pytest.approx(op_sensitivity(1.0) / (1e-5 * math.sqrt(2 * math.pi)), rel=1e-4)
+    for kw in (dict(delta=1e-300), dict(delta=5e-324), dict(c0=1e-300), dict(epsilon=1e300), dict(c0=1e30)):
+        args = {**base, **kw}
+        sigma = sigma_output_perturbation(**args)
+        assert_float32(sigma)
+        assert 0.0 < sigma < math.inf
+        assert hockey_stick_gaussian(args["epsilon"], op_sensitivity(args["c0"]) / sigma) <= args["delta"]
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(c0=1e300), "c0"),
+    (dict(c0=1e308), "c0"),
+    (dict(c0=math.inf), "c0"),
+    (dict(c0=math.nan), "c0"),
+    (dict(epsilon=1e-300, delta=1e-300), "epsilon"),  # sigma0 beyond float32
+    (dict(epsilon=math.inf), "epsilon"),
+    (dict(epsilon=math.nan), "epsilon"),
+    (dict(epsilon=0.0), "epsilon"),
+    (dict(delta=math.nan), "delta"),
+    (dict(delta=1.0), "delta"),
+])
+def test_output_perturbation_extreme_inputs_raise_value_error(kw, name):
+    with pytest.raises(ValueError, match=name):
+        sigma_output_perturbation(**{**dict(epsilon=1.0, delta=1e-5, c0=1.0), **kw})
+
+
+def test_float32_helpers_shared_with_the_optimizers():
+    from pyunlearn import _precision
+    from pyunlearn.optim import _certified
+
+    assert _certified.CLIP_SLACK == _precision.CLIP_SLACK
+    for x in (0.0, 1e-300, 0.1, 1.0, 3.3, 1e30, float(np.float32(7.25))):
+        assert _precision.float32_up(x) == _certified.float32_up(x) >= x
+        assert_float32(_precision.float32_up(x))
+    assert _precision.float32_up(1e300) == math.inf
