@@ -66,15 +66,46 @@ class _Inputs:
 
 
 def _check_certifiable(model: nn.Module, data: SegmentationUnlearningData) -> None:
-    """What a certificate needs beyond the optimizer: retain-only data, and no state in the certified
-    modules (e.g. BatchNorm running statistics) that the operator neither clips nor perturbs."""
+    """What a certificate needs beyond the optimizer: retain-only data, and no state the operator neither
+    clips nor perturbs (see :func:`check_no_float_buffers`)."""
     data.check_retain_only()
-    for name, module in model.named_modules():
-        if any(p.requires_grad for p in module.parameters(recurse=False)) and any(
-                b.is_floating_point() for b in module.buffers(recurse=False)):
-            raise ValueError(f"module {name or type(module).__name__!r} ({type(module).__name__}) has trainable "
-                             "parameters and floating-point buffers (e.g. running statistics), which a certificate "
-                             "cannot cover; use GroupNorm/LayerNorm or freeze the module")
+    check_no_float_buffers(model)
+
+
+def check_no_float_buffers(model: nn.Module) -> None:
+    """Refuse floating-point buffers (BatchNorm running statistics, with or without affine parameters) that
+    a certified run would release uncovered by its noise:
+
+    * anywhere in the certified part: a module that holds or contains a trainable parameter, or whose
+      enclosing module (below the root) does, e.g. ``BatchNorm2d(affine=False)`` inside a trainable decoder;
+    * in a frozen module that ``model.train()`` (as the operators call it) puts in training mode: its
+      statistics would be updated from the private data.
+    """
+    modules = dict(model.named_modules())
+    trains = {name: any(p.requires_grad for p in m.parameters()) for name, m in modules.items()}
+    modes = {name: m.training for name, m in modules.items()}
+    model.train()
+    training = {name for name, m in modules.items() if m.training}
+    for name, m in modules.items():
+        m.training = modes[name]
+
+    def enclosing_trains(name: str) -> bool:
+        parts = name.split(".")
+        return any(trains.get(".".join(parts[:i]), False) for i in range(1, len(parts)))
+
+    for name, module in modules.items():
+        if not any(b.is_floating_point() for b in module.buffers(recurse=False)):
+            continue
+        label = f"module {name or type(module).__name__!r} ({type(module).__name__})"
+        if trains[name] or (name and enclosing_trains(name)):
+            raise ValueError(f"{label} has floating-point buffers (e.g. running statistics) in the certified part of "
+                             "the model; the certificate cannot cover them. Replace BatchNorm by GroupNorm/LayerNorm "
+                             "(pyunlearn.models.convert_batchnorm, if available) or freeze the whole enclosing block")
+        if name in training:
+            raise ValueError(f"{label} is frozen but model.train() puts it in training mode: its floating-point "
+                             "buffers (running statistics) would be updated from the private data during the run. "
+                             "Keep it in eval mode in your model's train() (as EncoderDecoder does for its public "
+                             "encoder), or replace BatchNorm by GroupNorm")
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
