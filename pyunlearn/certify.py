@@ -223,7 +223,14 @@ def rho_gradient_clipping(*, sigma: float, steps: int, lr: float, c0: float, c1:
     """
     sigma = _real("sigma", sigma, lo=0.0, lo_open=True)
     a, s2 = _gradient_clipping_geometry(steps=steps, lr=lr, c0=c0, c1=c1, weight_decay=weight_decay)
-    return (a * a) / (2.0 * sigma * sigma * s2) * (1.0 + 64.0 * _ULP)
+    denominator = 2.0 * sigma * sigma * s2
+    if denominator == 0.0:
+        raise ValueError(f"sigma={sigma!r} is too small for the accounting: sigma^2 underflows (no finite rho)")
+    rho = (a * a) / denominator * (1.0 + 64.0 * _ULP)
+    if not math.isfinite(rho):
+        raise ValueError(f"rho overflows: sigma={sigma!r} is too small for lr={lr!r}, c0={c0!r}, c1={c1!r}, "
+                         f"steps={steps!r} (no finite guarantee)")
+    return rho
 
 
 def epsilon_gradient_clipping(*, sigma: float, delta: float, steps: int, lr: float, c0: float,
@@ -249,6 +256,9 @@ def sigma_gradient_clipping(*, epsilon: float, delta: float, steps: int, lr: flo
     if not rho > 0.0:
         raise ValueError(f"epsilon={epsilon!r} is too small to certify at delta={delta!r}")
     sigma = a / math.sqrt(2.0 * s2 * rho)
+    if not 0.0 < sigma < math.inf:
+        raise ValueError(f"the noise certifying epsilon={epsilon!r}, delta={delta!r} with lr={lr!r}, c0={c0!r}, "
+                         f"c1={c1!r}, steps={steps!r} is sigma = {sigma!r}, outside the floating-point range")
     kw = dict(delta=delta, steps=steps, lr=lr, c0=c0, c1=c1, weight_decay=weight_decay)
     bump = 1e-12
     while epsilon_gradient_clipping(sigma=sigma, **kw) > epsilon:
@@ -375,8 +385,15 @@ def sigma_model_clipping(*, epsilon: float, delta: float, sigma0: float, steps: 
     log_neg_target = math.log(-log_target)
     stop = 1000.0 * log_target
 
-    def excess(log_r: float) -> float:  # increasing in r
+    def sigma_of(log_r: float) -> float:
         sigma = 2.0 * c2 / math.exp(log_r)
+        if not 0.0 < sigma < math.inf:
+            raise ValueError(f"c2={c2!r} is outside the range the model-clipping accounting can represent "
+                             f"(the noise 2*c2/r would be {sigma!r})")
+        return sigma
+
+    def excess(log_r: float) -> float:  # increasing in r
+        sigma = sigma_of(log_r)
         neg_log_delta = -_log_delta_model_clipping(eps, sigma, sigma0, T, c0, c2, stop)
         return log_neg_target - math.log(min(max(neg_log_delta, 1e-300), -stop))
 
@@ -392,7 +409,7 @@ def sigma_model_clipping(*, epsilon: float, delta: float, sigma0: float, steps: 
         if hi > 700.0:  # pragma: no cover - would need delta_0 <= delta, handled above
             raise RuntimeError("sigma_model_clipping: no certifying sigma found")
     log_r = brentq(excess, lo, hi, xtol=1e-10, rtol=1e-12)
-    sigma = 2.0 * c2 / math.exp(log_r)
+    sigma = sigma_of(log_r)
     bump = 1e-12
     while _log_delta_model_clipping(eps, sigma, sigma0, T, c0, c2) > log_target:
         sigma *= 1.0 + bump

@@ -454,3 +454,28 @@ def test_float32_helpers_shared_with_the_optimizers():
         assert _precision.float32_up(x) == _certified.float32_up(x) >= x
         assert_float32(_precision.float32_up(x))
     assert _precision.float32_up(1e300) == math.inf
+
+
+# ------------------------------------------------------------------ sigma at the edge of the float range
+@pytest.mark.parametrize("fn, base, kw, name", [
+    (rho_gradient_clipping, "RHO", dict(sigma=1e-300), "sigma"),
+    (rho_gradient_clipping, "RHO", dict(sigma=5e-324), "sigma"),
+    (epsilon_gradient_clipping, "GC", dict(sigma=1e-300), "sigma"),
+    (epsilon_gradient_clipping, "GC", dict(sigma=math.nan), "sigma"),
+    (epsilon_gradient_clipping, "GC", dict(c0=1e300), "c0"),
+    (epsilon_gradient_clipping, "GC", dict(lr=1e300), "lr"),
+    (sigma_gradient_clipping, "GS", dict(epsilon=1e308), "epsilon"),
+    (sigma_gradient_clipping, "GS", dict(c1=1e300), "c1"),
+    (sigma_model_clipping, "MS", dict(c2=5e-324), "c2"),
+    (sigma_model_clipping, "MS", dict(c2=1e308), "c2"),
+])
+def test_float_range_edges_raise_value_error(fn, base, kw, name):
+    base = {"RHO": RHO, "GC": GC, "GS": GS, "MS": MS}[base]
+    with pytest.raises(ValueError, match=name):
+        fn(**{**base, **kw})
+
+
+def test_huge_sigma_still_gives_zero():
+    assert rho_gradient_clipping(**{**RHO, "sigma": 1e308}) == 0.0
+    assert epsilon_gradient_clipping(**{**GC, "sigma": 1e308}) == 0.0
+    assert delta_model_clipping(**{**MC, "sigma": 1e308, "sigma0": 1e308}) == 0.0
