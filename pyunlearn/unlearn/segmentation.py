@@ -100,7 +100,7 @@ def check_no_float_buffers(model: nn.Module) -> None:
         if trains[name] or (name and enclosing_trains(name)):
             raise ValueError(f"{label} has floating-point buffers (e.g. running statistics) in the certified part of "
                              "the model; the certificate cannot cover them. Replace BatchNorm by GroupNorm/LayerNorm "
-                             "(pyunlearn.models.convert_batchnorm, if available) or freeze the whole enclosing block")
+                             "or freeze the whole enclosing block")
         if name in training:
             raise ValueError(f"{label} is frozen but model.train() puts it in training mode: its floating-point "
                              "buffers (running statistics) would be updated from the private data during the run. "
