@@ -445,6 +445,24 @@ def test_output_perturbation_extreme_inputs_raise_value_error(kw, name):
         sigma_output_perturbation(**{**dict(epsilon=1.0, delta=1e-5, c0=1.0), **kw})
 
 
+@pytest.mark.parametrize("kw, name", [(dict(c0=1e300), "c0"), (dict(c0=math.nan), "c0"),
+                                      (dict(epsilon=1e-300, delta=1e-300), "epsilon"), (dict(delta=0.0), "delta")])
+def test_output_perturbation_operator_extreme_inputs(kw, name):
+    import torch
+
+    from pyunlearn.data import SyntheticShortcuts
+    from pyunlearn.models import EncoderDecoder
+    from pyunlearn.unlearn import SegmentationUnlearningData, output_perturbation
+
+    ds = SyntheticShortcuts(4, image_size=16, fine_fraction=1.0, seed=0)
+    data = SegmentationUnlearningData.from_masks(ds.images, ds.coarse, ds.fine, ds.has_fine)
+    model = EncoderDecoder(width=4).freeze_encoder()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=name):
+        output_perturbation(model, data, finetune_steps=0, noise_seed=0, inplace=True, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before any change
+
+
 def test_float32_helpers_shared_with_the_optimizers():
     from pyunlearn import _precision
     from pyunlearn.optim import _certified

@@ -469,6 +469,8 @@ def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, e
     _check_certifiable(model, data)
     named = _trainable(model)
     params = [p for _, p in named]
+    # Already float32 (what the noise kernel adds exactly) and with the clip slack in its sensitivity; extreme
+    # epsilon/delta/c0 are ValueErrors naming them, raised before the model is touched.
     sigma0 = certify.sigma_output_perturbation(epsilon=epsilon, delta=delta, c0=c0)
     seeded = noise_seed is not None
     if seeded and (isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or not 0 <= noise_seed < 2**63):
