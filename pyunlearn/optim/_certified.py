@@ -17,6 +17,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from .. import certify, ops
+from .._precision import CLIP_SLACK, float32_up  # noqa: F401 (re-exported to the optimizers)
 from .._validation import count, probability
 from ..ops import rng
 from ..ops.reference import STATUS_NONFINITE, STATUS_OK, STATUS_TAMPERED, fingerprint_matches
@@ -41,21 +42,6 @@ def noise_key(seed: Optional[int], label: str) -> list[int]:
     """The noise key of an operator: derived from ``(seed, label)`` when seeded (reproducible, NOT secret),
     else 256 fresh bits from the operating system."""
     return rng.key_from_seed(seed, label) if seed is not None else rng.secret_key()
-
-
-#: NOTE: the fused kernels clip in float32; measured clipped norms reach C (1 + 1.5e-7). The accounting
-#: therefore uses every clip bound inflated by this factor.
-CLIP_SLACK = 1.0 + 1e-6
-
-
-def float32_up(x: float) -> float:
-    """The smallest float32 value >= x: the noise scale the float32 kernels then use exactly."""
-    import numpy as np
-
-    y = np.float32(x)
-    if float(y) < x:
-        y = np.nextafter(y, np.float32(np.inf))
-    return float(y)
 
 
 @torch.no_grad()
