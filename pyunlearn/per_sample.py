@@ -39,9 +39,19 @@ trainable parameter raises ``TypeError`` naming it; batch normalisation with bat
 training mode or without running statistics, frozen or not) raises ``ValueError`` at forward time,
 because it mixes the samples of a batch. Frozen parameters (``requires_grad=False``) are skipped.
 The batch dimension is the first. A layer called several times in one forward pass (weight sharing)
-is supported: the per-sample gradient is the sum over its calls. Not supported: activation
-checkpointing (recomputed forwards), or several forward passes of different samples before one
-backward.
+is supported: the per-sample gradient is the sum over its calls; one parameter shared by two layers
+(tied weights) is refused. Not supported: activation checkpointing (recomputed forwards).
+
+**One pass, one clipped sum.** A forward pass of the wrapped module with gradients enabled, its backward
+pass, then :meth:`~PerSampleGradients.clipped_sum_`. Refused with an error, because the per-sample
+gradients would be wrong or samples would silently count twice or not at all: a second forward pass
+before the backward of the first (its rows would merge with the first's), a forward pass after a backward
+whose gradients were not summed (they would be dropped; :meth:`~PerSampleGradients.clear` discards them
+explicitly), a second ``clipped_sum_`` or a second backward on a pass already summed. Micro-batches of one
+logical batch: one pass each, ``clipped_sum_(C, accumulate=True)`` from the second on. The written
+gradients are one :class:`ClippedSum` record, fingerprinted, that :class:`pyunlearn.optim.DPSGD` checks
+and uses once. An empty (Poisson) batch: :meth:`~PerSampleGradients.empty_batch_` writes zero sums without
+a forward pass (a pass over zero rows also gives zero sums).
 
 Example::
 
@@ -54,7 +64,9 @@ Example::
 """
 from __future__ import annotations
 
+import itertools
 import math
+import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal, Optional
 
@@ -64,8 +76,10 @@ from torch import nn
 
 from . import ops
 from ._validation import positive
+from .ops.reference import fingerprint_matches
 
-__all__ = ["PerSampleGradients", "wrap", "SUPPORTED_LAYERS", "clip_factor", "clipped_sum_info"]
+__all__ = ["ClippedSum", "PerSampleGradients", "wrap", "SUPPORTED_LAYERS", "clip_factor", "clipped_sum_info",
+           "inspect_clipped_sum"]
 
 LossReduction = Literal["sum", "mean"]
 NormMethod = Literal["auto", "ghost", "per_sample"]
@@ -79,6 +93,9 @@ SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear, *_CONV, *_CONV_T, nn.GroupNorm,
 #: Opacus' stabiliser in the clip factor min(1, C / (norm + 1e-6)).
 CLIP_EPS = 1e-6
 _TAG = "_pyunlearn_clipped_sum"
+#: Key of the fingerprints of written clipped sums: per process, never stored (see :class:`ClippedSum`).
+_FP_KEY = [secrets.randbits(32), secrets.randbits(32)]
+_SERIAL = itertools.count(1)
 
 
 def clip_factor(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
@@ -86,18 +103,57 @@ def clip_factor(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
 
 
+@dataclass(eq=False)
+class ClippedSum:
+    """What one :meth:`PerSampleGradients.clipped_sum_` (or :meth:`~PerSampleGradients.empty_batch_`) wrote:
+    one logical batch of clipped per-sample gradients, for one optimizer step.
+
+    ``wrapper`` is the serial number of the :class:`PerSampleGradients` that wrote it, ``covered`` maps
+    ``id(param)`` to the name of every trainable parameter it wrote (all of that wrapper's), ``samples`` is
+    the number of per-sample gradients summed (0 for an empty batch), ``used`` is set by the optimizer step
+    that consumed it (a clipped sum is used once). Each written ``p.grad`` carries its version counter and
+    a float64 fingerprint ``[keyed projection, sum of squares]`` (:func:`pyunlearn.ops.fingerprint`, with a
+    per-process key that is never stored), so an in-place change, also through ``p.grad.data``, is seen."""
+
+    wrapper: int
+    max_grad_norm: float
+    covered: dict = field(default_factory=dict)
+    samples: int = 0
+    used: bool = False
+
+
+def _fingerprint(grad: torch.Tensor) -> list[float]:
+    return ops.fingerprint([grad], _FP_KEY).tolist()
+
+
+def inspect_clipped_sum(grad: Optional[torch.Tensor]) -> tuple[Optional[ClippedSum], str, Optional[str]]:
+    """``(record, parameter name, problem)`` for a gradient written by ``clipped_sum_``: ``problem`` is
+    ``None`` if the values are exactly the ones written, else what changed. ``(None, "", None)`` for a
+    gradient ``clipped_sum_`` did not write (or a copy of one)."""
+    tag = getattr(grad, _TAG, None) if grad is not None else None
+    if tag is None:
+        return None, "", None
+    version, record, name, fp = tag
+    if version != grad._version:
+        return record, name, "modified in place after clipped_sum_ wrote it"
+    if not fingerprint_matches(_fingerprint(grad), fp):
+        return record, name, "modified after clipped_sum_ wrote it (its values changed, e.g. through .data)"
+    return record, name, None
+
+
 def clipped_sum_info(grad: Optional[torch.Tensor], *, check_version: bool = True) -> Optional[tuple[float, str]]:
     """``(max_grad_norm, parameter name)`` if ``grad`` was written by :meth:`PerSampleGradients.clipped_sum_`
     and not modified since (tracked by the tensor's version counter; ``check_version=False`` skips that
-    check, e.g. to name a parameter in an error message); else ``None``."""
+    check, e.g. to name a parameter in an error message); else ``None``. :func:`inspect_clipped_sum` also
+    checks the values (fingerprint) and gives the :class:`ClippedSum` record."""
     tag = getattr(grad, _TAG, None) if grad is not None else None
     if tag is None or (check_version and tag[0] != grad._version):
         return None
-    return tag[1], tag[2]
+    return tag[1].max_grad_norm, tag[2]
 
 
-def _mark(grad: torch.Tensor, max_grad_norm: float, name: str) -> None:
-    setattr(grad, _TAG, (grad._version, float(max_grad_norm), name))
+def _mark(grad: torch.Tensor, record: ClippedSum, name: str) -> None:
+    setattr(grad, _TAG, (grad._version, record, name, _fingerprint(grad)))
 
 
 def _display(qualname: str) -> str:
@@ -589,9 +645,15 @@ class PerSampleGradients:
         self._handles: list = []
         self._anchors: dict[torch.device, torch.Tensor] = {}
         self._backward_seen = False
+        self._pass_summed = False  # the recorded pass went into a clipped sum
+        self._root_stack: list[bool] = []
         self._norms: Optional[torch.Tensor] = None
+        self._serial = next(_SERIAL)
+        self._record: Optional[ClippedSum] = None  # the last clipped sum written
         self._check_supported()
         try:
+            self._handles.append(module.register_forward_pre_hook(self._root_pre_hook))
+            self._handles.append(module.register_forward_hook(self._root_post_hook, always_call=True))
             for name, m in module.named_modules():
                 if type(m) in _RULES:
                     layer = _Layer(name, m, _RULES[type(m)])
@@ -606,7 +668,19 @@ class PerSampleGradients:
 
     # ------------------------------------------------------------------------------- set-up
     def _check_supported(self) -> None:
-        """TypeError for any module with a trainable parameter and no per-sample rule."""
+        """TypeError for any module with a trainable parameter and no per-sample rule, or a trainable
+        parameter shared by two layers (tied weights: its per-sample gradient is the sum over the layers,
+        whose norm the per-layer rules do not compute)."""
+        owner: dict[int, tuple[int, str]] = {}
+        for name, m in self.module.named_modules(remove_duplicate=False):
+            for local, p in m.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                here = f"{name}.{local}" if name else local
+                if owner.setdefault(id(p), (id(m), here))[0] != id(m):  # one module under two names is fine
+                    raise TypeError(f"PerSampleGradients: trainable parameter {owner[id(p)][1]!r} is also {here!r} (tied "
+                                    "weights shared by two layers are not supported: the per-sample norms would be "
+                                    "wrong). Untie or freeze them.")
         for name, m in self.module.named_modules():
             trainable = [n for n, p in m.named_parameters(recurse=False) if p.requires_grad]
             if not trainable:
@@ -628,6 +702,40 @@ class PerSampleGradients:
                        + ", ".join(t.__name__ for t in SUPPORTED_LAYERS))
             raise TypeError(f"PerSampleGradients: layer {_display(name)} ({kind.__module__}.{kind.__qualname__}) "
                             f"has trainable parameters {trainable}: {why}. Freeze it or replace it.")
+
+    def _has_records(self) -> bool:
+        return any(layer.calls for layer in self._layers.values())
+
+    def _begin_pass(self) -> None:
+        """A forward pass with gradients starts: refuse to merge or drop recorded samples."""
+        if self._backward_seen and not self._pass_summed:
+            raise RuntimeError(
+                "PerSampleGradients: a new forward pass started, but the output gradients of the previous "
+                "backward pass were not used by clipped_sum_ (they would be dropped silently). Call "
+                "clipped_sum_ (accumulate=True to add micro-batches) before the next forward pass, or clear() "
+                "to discard them.")
+        if self._backward_seen:
+            self.clear()
+        elif self._has_records():
+            raise RuntimeError(
+                "PerSampleGradients: a second forward pass started before the backward pass of the first; the "
+                "samples of both would be merged into one per-sample gradient (row i of each pass). Call "
+                "backward (and clipped_sum_) after each forward pass, concatenate the batches into one forward "
+                "pass, run auxiliary forwards under torch.no_grad(), or clear() to discard the first pass.")
+
+    def _root_pre_hook(self, m: nn.Module, args) -> None:
+        counted = torch.is_grad_enabled() and not self._root_stack
+        if counted:
+            self._begin_pass()
+        self._root_stack.append(counted)
+
+    def _root_post_hook(self, m: nn.Module, args, output) -> None:
+        if not self._root_stack:  # the pre-hook raised
+            return None
+        counted = self._root_stack.pop()
+        if counted and output is None and not self._backward_seen:  # the forward raised: drop its records
+            self.clear()
+        return None
 
     def _make_batchnorm_guard(self, name: str) -> Callable:
         def guard(m: nn.Module, args) -> None:
@@ -658,8 +766,8 @@ class PerSampleGradients:
                 p.requires_grad_(True)
             if not params or output is None or not torch.is_grad_enabled():  # frozen, or forward raised
                 return None
-            if self._backward_seen:  # first forward after a backward: a new pass begins
-                self.clear()
+            if self._backward_seen:  # first forward after a backward (outside the root module's forward)
+                self._begin_pass()
             if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
                 raise TypeError(f"PerSampleGradients: layer {_display(layer.name)} must take and return a tensor")
             a = args[0]
@@ -683,6 +791,11 @@ class PerSampleGradients:
 
     def _make_grad_hook(self, call: _Call) -> Callable:
         def grad_hook(grad: torch.Tensor) -> None:
+            if self._pass_summed:
+                raise RuntimeError(
+                    "PerSampleGradients: a backward pass reached a forward pass whose per-sample gradients are "
+                    "already in a clipped sum (clipped_sum_ was called); its samples would count twice. Run a "
+                    "new forward pass.")
             call.g = grad.detach() if call.g is None else call.g + grad.detach()
             call.extra.pop("per_sample", None)
             self._backward_seen = True
@@ -695,6 +808,7 @@ class PerSampleGradients:
         for layer in self._layers.values():
             layer.calls.clear()
         self._backward_seen = False
+        self._pass_summed = False
         self._norms = None
 
     def remove(self) -> None:
@@ -750,6 +864,8 @@ class PerSampleGradients:
         if self._norms is not None:
             return self._norms
         recorded, batch = self._recorded()
+        if batch == 0:
+            return torch.zeros(0, dtype=_acc(recorded[0][1][0].a.dtype), device=recorded[0][1][0].a.device)
         sq = None
         for layer, calls in recorded:
             part = layer.rule.sq_norms(layer.module, calls, self.norm_method, self.chunk_bytes)
@@ -761,18 +877,83 @@ class PerSampleGradients:
         self._norms = sq.sqrt() * self._scale(batch)
         return self._norms
 
+    def _covered(self) -> list[tuple[nn.Parameter, str]]:
+        """Every trainable parameter of the wrapped layers, once, with its qualified name."""
+        out, seen = [], set()
+        for layer in self._layers.values():
+            for local, p in self._trainable(layer):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((p, self._qualified(layer, local)))
+        return out
+
+    def _target_record(self, c_value: float, accumulate: bool, where: str) -> ClippedSum:
+        """The record a write goes to: a new one, or (``accumulate``) the intact, unused one of this wrapper
+        that every covered ``p.grad`` carries."""
+        covered = self._covered()
+        fresh = ClippedSum(wrapper=self._serial, max_grad_norm=c_value,
+                           covered={id(p): name for p, name in covered})
+        if not accumulate or all(p.grad is None for p, _ in covered):
+            return fresh
+        record = None
+        for p, name in covered:
+            found, _, problem = inspect_clipped_sum(p.grad)
+            why = ("it has no gradient while others do" if p.grad is None else
+                   "it was not written by clipped_sum_" if found is None else
+                   f"it was {problem}" if problem else
+                   "it was written by another PerSampleGradients" if found.wrapper != self._serial else
+                   "it was already used by an optimizer step (call zero_grad first)" if found.used else
+                   f"it was written with max_grad_norm={found.max_grad_norm}, not max_grad_norm={c_value}"
+                   if not math.isclose(found.max_grad_norm, c_value, rel_tol=1e-12) else
+                   "it belongs to another clipped sum than the other parameters' gradients"
+                   if record is not None and found is not record else None)
+            if why:
+                raise ValueError(f"{where}(accumulate=True): cannot add to p.grad of {name!r}: {why}")
+            record = found
+        if record.covered != fresh.covered:
+            raise ValueError(f"{where}(accumulate=True): the trainable parameters changed since the clipped sum "
+                             "being added to was written")
+        return record
+
+    def _write(self, writes: list[tuple[nn.Parameter, torch.Tensor, str]], record: ClippedSum, accumulate: bool,
+               samples: int) -> None:
+        for p, value, name in writes:
+            value = value.to(p.dtype).reshape(p.shape)
+            if accumulate and p.grad is not None:
+                p.grad.add_(value)
+            else:
+                p.grad = value
+            _mark(p.grad, record, name)
+        record.samples += samples
+        self._record = record
+        self._pass_summed = True
+
     @torch.no_grad()
     def clipped_sum_(self, max_grad_norm: float, *, accumulate: bool = False) -> torch.Tensor:
         """Write ``Σ_i clip(g_i, C)`` into ``p.grad`` of every trainable parameter; return the (B,) norms.
 
         Opacus' factor ``c_i = min(1, C / (‖g_i‖ + 1e-6))``; each layer's sum is one weight-gradient
-        product ``Σ_i c_i g_iᵀ a_i`` (or ``Σ_i c_i G_i`` where the norm pass kept the ``G_i``). Parameters of layers that got no output gradient get zeros.
+        product ``Σ_i c_i g_iᵀ a_i`` (or ``Σ_i c_i G_i`` where the norm pass kept the ``G_i``). Parameters of
+        layers that got no output gradient get zeros; a recorded batch of 0 samples writes zeros everywhere.
         ``accumulate=True`` adds to gradients written earlier by this method with the same ``C``
         (micro-batches of one logical batch); otherwise ``p.grad`` is replaced.
+
+        The written gradients form one :class:`ClippedSum`, which :class:`~pyunlearn.optim.DPSGD` checks
+        (intact, written by one wrapper covering all its parameters) and uses for one step. The recorded
+        pass can go into one clipped sum only: a second call, or a backward pass reaching it again, raises.
         """
         c_value = positive(max_grad_norm, "max_grad_norm")
-        norms = self.per_sample_norms()
+        if self._pass_summed:
+            raise RuntimeError("PerSampleGradients.clipped_sum_: the recorded per-sample gradients are already in a "
+                               "clipped sum; run a new forward and backward pass (each sample counts once)")
         recorded, batch = self._recorded()
+        record = self._target_record(c_value, accumulate, "clipped_sum_")
+        if batch == 0:
+            covered = self._covered()
+            norms = torch.zeros(0, dtype=_acc(covered[0][0].dtype) if covered else torch.float32)
+            self._write([(p, torch.zeros_like(p), name) for p, name in covered], record, accumulate, 0)
+            return norms
+        norms = self.per_sample_norms()
         factor = clip_factor(norms, c_value) * self._scale(batch)
         writes: list[tuple[nn.Parameter, torch.Tensor, str]] = []
         done = set()
@@ -782,25 +963,27 @@ class PerSampleGradients:
                 p = getattr(layer.module, local)
                 writes.append((p, value, self._qualified(layer, local)))
                 done.add(id(p))
-        for layer in self._layers.values():
-            for local, p in self._trainable(layer):
-                if id(p) not in done:
-                    writes.append((p, torch.zeros_like(p), self._qualified(layer, local)))
-                    done.add(id(p))
-        if accumulate:
-            for p, _, name in writes:
-                info = clipped_sum_info(p.grad)
-                if p.grad is not None and (info is None or not math.isclose(info[0], c_value, rel_tol=1e-12)):
-                    raise ValueError(f"clipped_sum_(accumulate=True): p.grad of {name!r} was not written by "
-                                     f"clipped_sum_ with max_grad_norm={c_value} (or was modified since)")
-        for p, value, name in writes:
-            value = value.to(p.dtype).reshape(p.shape)
-            if accumulate and p.grad is not None:
-                p.grad.add_(value)
-            else:
-                p.grad = value
-            _mark(p.grad, c_value, name)
+        writes += [(p, torch.zeros_like(p), name) for p, name in self._covered() if id(p) not in done]
+        self._write(writes, record, accumulate, batch)
         return norms
+
+    @torch.no_grad()
+    def empty_batch_(self, max_grad_norm: float) -> torch.Tensor:
+        """An empty (Poisson) batch: write zero clipped sums into ``p.grad`` of every trainable parameter,
+        without a forward pass, so that ``DPSGD.step()`` takes the noise-only step the accountant counts.
+        Refused while a forward or backward pass is recorded and not yet summed (those samples would be
+        dropped). Returns the (0,) norms."""
+        c_value = positive(max_grad_norm, "max_grad_norm")
+        if self._has_records() and not self._pass_summed:
+            raise RuntimeError("PerSampleGradients.empty_batch_: a forward pass is recorded and not summed; call "
+                               "clipped_sum_ for it, or clear() to discard it")
+        self.clear()
+        self._check_supported()
+        record = self._target_record(c_value, False, "empty_batch_")
+        covered = self._covered()
+        self._write([(p, torch.zeros_like(p), name) for p, name in covered], record, False, 0)
+        self._pass_summed = False  # nothing recorded: the next forward pass starts afresh
+        return torch.zeros(0, dtype=_acc(covered[0][0].dtype) if covered else torch.float32)
 
     @torch.no_grad()
     def grad_samples(self) -> dict[str, torch.Tensor]:
@@ -809,7 +992,7 @@ class PerSampleGradients:
         recorded, batch = self._recorded()
         scale = self._scale(batch)
         out: dict[str, torch.Tensor] = {}
-        for layer, calls in recorded:
+        for layer, calls in recorded if batch else ():
             for local, value in layer.rule.samples(layer.module, calls).items():
                 p = getattr(layer.module, local)
                 out[self._qualified(layer, local)] = (value * scale).to(p.dtype).reshape(batch, *p.shape)

@@ -378,6 +378,7 @@ def test_requires_grad_restored_and_hooks_removed():
         out = model(torch.randn(2, 3))
         assert out.requires_grad
         assert all(p.requires_grad for p in model.parameters())
+        psg.clear()  # discard that pass (else the next forward pass is refused: two passes, one backward)
         with pytest.raises(RuntimeError):
             model(torch.randn(2, 4))  # forward raises: the parameters must still be restored
         assert all(p.requires_grad for p in model.parameters())
@@ -399,9 +400,11 @@ def test_new_pass_replaces_records_and_accumulate_adds():
         psg.clipped_sum_(c)
         per_sample_loss(model(x2), t2).sum().backward()  # a new pass: batch size 2 now
         assert psg.per_sample_norms().shape == (2,)
-        psg.clipped_sum_(c, accumulate=True)
         with pytest.raises(ValueError, match="max_grad_norm=0.5"):
             psg.clipped_sum_(0.5, accumulate=True)
+        psg.clipped_sum_(c, accumulate=True)
+        with pytest.raises(RuntimeError, match="already in a clipped sum"):
+            psg.clipped_sum_(c, accumulate=True)  # the same samples twice
     for n, p in model.named_parameters():
         want = sum(torch.einsum("b,b...->...", clip_factor(loop_norms(g), c), g[n]) for g in (g1, g2))
         torch.testing.assert_close(p.grad, want, **TOL)
@@ -462,3 +465,114 @@ def test_errors():
         psg.clipped_sum_(1.0)
         model[0].weight.grad.mul_(2)  # modified after clipping: no longer certified as a clipped sum
         assert clipped_sum_info(model[0].weight.grad) is None
+
+
+# ------------------------------------------------------------------- passes, records and empty batches
+def small_net() -> nn.Module:
+    torch.manual_seed(12)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+
+
+def test_two_forward_passes_before_one_backward_are_refused():
+    model = small_net()
+    x1, x2 = torch.randn(3, 3, dtype=DT), torch.randn(3, 3, dtype=DT)
+    with PerSampleGradients(model) as psg:
+        out1 = model(x1)
+        with pytest.raises(RuntimeError, match="second forward pass started before the backward"):
+            model(x2)
+        with torch.no_grad():
+            model(x2)  # an auxiliary forward without gradients is fine
+        out1.sum().backward()
+        psg.clipped_sum_(1.0)
+        model(x2).sum().backward()  # after clipped_sum_: a new pass
+        assert psg.per_sample_norms().shape == (3,)
+        psg.clear()
+        model(x1)
+        psg.clear()  # discards the unfinished pass
+        model(x2).sum().backward()
+
+
+def test_a_backward_not_summed_is_not_dropped_by_the_next_forward():
+    model = small_net()
+    x1, x2 = torch.randn(3, 3, dtype=DT), torch.randn(2, 3, dtype=DT)
+    with PerSampleGradients(model) as psg:
+        model(x1).sum().backward()
+        with pytest.raises(RuntimeError, match="not used by clipped_sum_"):
+            model(x2)
+        psg.clipped_sum_(1.0)  # the first pass is still there
+        assert psg.per_sample_norms().shape == (3,)
+        with pytest.raises(RuntimeError, match="already in a clipped sum"):
+            psg.clipped_sum_(1.0)
+
+
+def test_second_backward_on_a_summed_pass_is_refused():
+    model = small_net()
+    with PerSampleGradients(model) as psg:
+        out = model(torch.randn(3, 3, dtype=DT)).sum()
+        out.backward(retain_graph=True)
+        psg.clipped_sum_(1.0)
+        with pytest.raises(RuntimeError, match="already in a clipped sum"):
+            out.backward()
+
+
+def test_clipped_sum_is_fingerprinted_and_records_its_writer():
+    model = small_net()
+    with PerSampleGradients(model) as psg:
+        model(torch.randn(4, 3, dtype=DT)).sum().backward()
+        psg.clipped_sum_(0.5)
+        record, name, problem = ps.inspect_clipped_sum(model[0].weight.grad)
+        assert problem is None and name == "0.weight" and record.samples == 4 and not record.used
+        assert record.max_grad_norm == 0.5 and set(record.covered.values()) == {"0.weight", "0.bias", "2.weight",
+                                                                               "2.bias"}
+        assert all(ps.inspect_clipped_sum(p.grad)[0] is record for p in model.parameters())
+        model[2].bias.grad.data.mul_(100)  # bypasses the version counter
+        assert clipped_sum_info(model[2].bias.grad) is not None  # the version alone does not see it
+        assert "values changed" in ps.inspect_clipped_sum(model[2].bias.grad)[2]
+        model[2].weight.grad.add_(1.0)
+        assert "in place" in ps.inspect_clipped_sum(model[2].weight.grad)[2]
+        assert ps.inspect_clipped_sum(model[0].weight.grad.clone()) == (None, "", None)
+
+
+def test_empty_batches():
+    model = small_net()
+    x = torch.randn(5, 3, dtype=DT)
+    with PerSampleGradients(model) as psg:
+        norms = psg.empty_batch_(1.0)  # no forward pass at all
+        assert norms.shape == (0,)
+        record = ps.inspect_clipped_sum(model[0].weight.grad)[0]
+        assert record.samples == 0 and all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+        model(x[:0]).sum().backward()  # a forward/backward on zero rows also gives zero sums
+        assert psg.per_sample_norms().shape == (0,) and psg.grad_samples()["0.weight"].shape == (0, 4, 3)
+        assert psg.clipped_sum_(1.0).shape == (0,)
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+        model(x).sum()  # a pass recorded, not summed: empty_batch_ would drop it
+        with pytest.raises(RuntimeError, match="not summed"):
+            psg.empty_batch_(1.0)
+
+
+def test_accumulate_refuses_foreign_or_used_sums():
+    model = small_net()
+    x = torch.randn(3, 3, dtype=DT)
+    with PerSampleGradients(model[0]) as first, PerSampleGradients(model[2]) as second:
+        model(x).sum().backward()
+        first.clipped_sum_(1.0)
+        second.clipped_sum_(1.0)
+        assert ps.inspect_clipped_sum(model[0].weight.grad)[0] is not ps.inspect_clipped_sum(model[2].weight.grad)[0]
+    with PerSampleGradients(model) as psg:
+        model(x).sum().backward()
+        with pytest.raises(ValueError, match="another PerSampleGradients"):
+            psg.clipped_sum_(1.0, accumulate=True)
+        psg.clipped_sum_(1.0)
+        ps.inspect_clipped_sum(model[0].weight.grad)[0].used = True  # as DPSGD.step() marks it
+        model(x).sum().backward()
+        with pytest.raises(ValueError, match="already used by an optimizer step"):
+            psg.clipped_sum_(1.0, accumulate=True)
+
+
+def test_tied_weights_are_refused():
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight  # one parameter, two layers: the per-layer norms would miss the cross term
+    with pytest.raises(TypeError, match="tied weights"):
+        PerSampleGradients(nn.Sequential(a, b))
+    a.weight.requires_grad_(False)
+    PerSampleGradients(nn.Sequential(a, b)).remove()  # frozen: fine
