@@ -98,36 +98,5 @@ inline float log1p_unit(float e) {
   return dm1 == 0.0f ? e : r;
 }
 
-// cos and sin of a float angle in [0, 8], evaluated in double: reduction by pi/2 (two-part constant,
-// exact for k <= 5) and Taylor polynomials on |r| <= pi/4 (remainder < 3e-14). Results are rounded to
-// float, so they are correctly rounded except in rare near-ties.
-inline void sincos_small(float a, float& c_out, float& s_out) {
-  const double x = static_cast<double>(a);
-  const int32_t k = static_cast<int32_t>(x * 0.63661977236758134308 + 0.5);
-  const double kd = static_cast<double>(k);
-  const double r = (x - kd * 1.57079632673412561417e+00) - kd * 6.07710050650619224932e-11;
-  const double r2 = r * r;
-  double sp = 1.0 / 6227020800.0;
-  sp = sp * r2 - 1.0 / 39916800.0;
-  sp = sp * r2 + 1.0 / 362880.0;
-  sp = sp * r2 - 1.0 / 5040.0;
-  sp = sp * r2 + 1.0 / 120.0;
-  sp = sp * r2 - 1.0 / 6.0;
-  const double s = r + r * r2 * sp;
-  double cp = 1.0 / 479001600.0;
-  cp = cp * r2 - 1.0 / 3628800.0;
-  cp = cp * r2 + 1.0 / 40320.0;
-  cp = cp * r2 - 1.0 / 720.0;
-  cp = cp * r2 + 1.0 / 24.0;
-  cp = cp * r2 - 0.5;
-  const double c = 1.0 + r2 * cp;
-  const int32_t q = k & 3;
-  const double ns = -s, nc = -c;
-  const double sin_v = q == 0 ? s : (q == 1 ? c : (q == 2 ? ns : nc));
-  const double cos_v = q == 0 ? c : (q == 1 ? ns : (q == 2 ? nc : s));
-  c_out = static_cast<float>(cos_v);
-  s_out = static_cast<float>(sin_v);
-}
-
 }  // namespace simd
 }  // namespace pyunlearn

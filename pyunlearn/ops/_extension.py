@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 #: Must equal ``kAbiVersion`` in csrc/pyunlearn/bindings.cpp; bump both when a kernel contract changes.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _lock = threading.Lock()
 _loaded = False
