@@ -207,10 +207,14 @@ def masked_dice_ce(
     The cross-entropy term is the fused :func:`masked_cross_entropy`; ``smooth`` is that of
     :func:`masked_soft_dice`. An empty mask gives 0 and a zero gradient.
     """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     lambda_dice = _nonnegative(lambda_dice, "lambda_dice")
     lambda_ce = _nonnegative(lambda_ce, "lambda_ce")
     dice = masked_soft_dice(logits, target, mask, smooth=smooth, weight=weight, reduction="none")
-    ce = masked_cross_entropy(logits, target, mask, weight=weight, reduction="none")
+    # Zero the logits outside the mask so that non-finite values there cannot reach the fused op.
+    inside = torch.where(mask.bool().unsqueeze(1), logits, 0.0)
+    ce = masked_cross_entropy(inside, target, mask, weight=weight, reduction="none")
     per_sample = lambda_dice * dice + lambda_ce * ce.to(dice.dtype)
     if reduction == "none":
         return per_sample
