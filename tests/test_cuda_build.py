@@ -3,7 +3,9 @@ torch), so this is the check that keeps csrc/pyunlearn/cuda/ buildable between G
 behaviour is tested on a GPU by the backend-parametrised op tests (backend "cuda").
 
 Each .cu file is compiled to device code for Hopper (sm_90) with the nvcc flags of setup.py, and
-bindings.cpp with the CUDA entry points enabled. Skipped where nvcc is not installed.
+bindings.cpp with the CUDA entry points enabled; a small kernel is compiled for every target of the
+default architecture list (what setup.py builds when no GPU is visible). Skipped where nvcc is not
+installed.
 """
 from __future__ import annotations
 
@@ -25,13 +27,23 @@ NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) is not installed")
 
 
-def _setup_nvcc_flags() -> list[str]:
-    """NVCC_FLAGS as written in setup.py (read, not executed: importing setup.py would run setup())."""
+def _setup_constant(name: str):
+    """A constant as written in setup.py (read, not executed: importing setup.py would run setup())."""
     tree = ast.parse((ROOT / "setup.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets):
-            return list(ast.literal_eval(node.value))
-    raise AssertionError("setup.py defines no NVCC_FLAGS")
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"setup.py defines no {name}")
+
+
+def _setup_nvcc_flags() -> list[str]:
+    return list(_setup_constant("NVCC_FLAGS"))
+
+
+def _default_arch_flags(monkeypatch) -> list[str]:
+    """The -gencode flags torch's BuildExtension derives from setup.py's default architecture list."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", _setup_constant("DEFAULT_CUDA_ARCH_LIST"))
+    return cpp_extension._get_cuda_arch_flags()
 
 
 def _includes(stub_dir: Path) -> list[str]:
@@ -58,8 +70,35 @@ def test_setup_builds_cuda_without_fast_math():
     assert "--fmad=false" in flags and not any("fast_math" in f or "fast-math" in f for f in flags)
 
 
-def test_cuda_sources_and_bindings_compile(tmp_path):
+def test_default_arch_list_compiles(tmp_path, monkeypatch):
+    # What a build without a visible GPU uses (setup.py's DEFAULT_CUDA_ARCH_LIST): every target compiles with
+    # this toolkit and setup.py's flags. A small cub kernel stands in for the sources (they take minutes per
+    # target here; test_cuda_sources_and_bindings_compile builds them for sm_90, one of these targets).
+    flags = _default_arch_flags(monkeypatch)
+    assert "-gencode=arch=compute_90,code=sm_90" in flags and "-gencode=arch=compute_90,code=compute_90" in flags
+    src = tmp_path / "block_sums.cu"
+    src.write_text("#include <cub/block/block_reduce.cuh>\n"
+                   "__global__ void block_sums(const float* x, float* out) {\n"
+                   "  using Reduce = cub::BlockReduce<float, 256>;\n"
+                   "  __shared__ typename Reduce::TempStorage storage;\n"
+                   "  float s = Reduce(storage).Sum(x[blockIdx.x * 256 + threadIdx.x]);\n"
+                   "  if (threadIdx.x == 0) out[blockIdx.x] = s;\n"
+                   "}\n")
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    res = _run([NVCC, "-c", str(src), "-o", str(tmp_path / "block_sums.o"), "-keep", "-keep-dir", str(keep)]
+               + cpp_extension.COMMON_NVCC_FLAGS + _setup_nvcc_flags() + flags)
+    assert res.returncode == 0, res.stderr[-4000:]
+    targets = {line.split()[1] for ptx in keep.glob("*.ptx") for line in ptx.read_text().splitlines()
+               if line.startswith(".target")}
+    archs = {f"sm_{f.rsplit('_', 1)[1]}" for f in flags if ",code=sm_" in f}
+    assert archs == {"sm_80", "sm_90"} and archs <= {t.rstrip(",") for t in targets}
+    assert len(list(keep.glob("*.cubin"))) == len(archs)  # one machine-code image per sm_ target
+
+
+def test_cuda_sources_and_bindings_compile(tmp_path, monkeypatch):
     assert CUDA_SOURCES, "no CUDA sources under csrc/pyunlearn/cuda"
+    assert "-gencode=arch=compute_90,code=sm_90" in _default_arch_flags(monkeypatch)  # the target built here
     includes = _includes(tmp_path / "stub")
     common = cpp_extension.COMMON_NVCC_FLAGS + _setup_nvcc_flags() + [_abi_flag(), "-Xcompiler", "-fPIC",
                                                                      "-gencode", "arch=compute_90,code=sm_90"]
