@@ -16,7 +16,10 @@ import os
 from typing import Any
 
 __all__ = [
+    "add_noise_",
     "dpsgd_step_",
+    "fingerprint",
+    "gaussian_noise",
     "gradient_clipping_step_",
     "interpreting",
     "is_available",
@@ -33,6 +36,9 @@ _LAZY = {
     "gradient_clipping_step_": "clip_noise_step",
     "model_clipping_step_": "clip_noise_step",
     "dpsgd_step_": "clip_noise_step",
+    "add_noise_": "clip_noise_step",
+    "fingerprint": "clip_noise_step",
+    "gaussian_noise": "clip_noise_step",
     "per_sample_sq_norms": "per_sample_norms",
 }
 
