@@ -357,8 +357,9 @@ class CertifiedOptimizer(torch.optim.Optimizer):
 
     # State ---------------------------------------------------------------------------------------
     def _run_identity(self) -> dict[str, Any]:
+        # A copy of the frozen snapshot: an edit of a returned state_dict must not reach this optimizer.
         return {"operator": self.operator, "steps": self.steps, "delta": self.delta, "seeded": self.seeded,
-                "seed": self.seed if self.seeded else None, "hyper": self._frozen,
+                "seed": self.seed if self.seeded else None, "hyper": dict(self._frozen),
                 "param_shapes": [list(p.shape) for p in self.params]}
 
     @staticmethod
