@@ -19,9 +19,21 @@ def _add_demo(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--checkpoint-dir", type=Path, default=None,
-                   help="checkpoint every stage here; rerunning the same command resumes after a crash")
+                   help="checkpoint every stage here; rerunning the same command resumes after a crash. The "
+                        "folder is locked while a job uses it. Its files (mode 0600, authenticated with a key kept "
+                        "outside the folder: $PYUNLEARN_CHECKPOINT_KEY or ~/.config/pyunlearn/checkpoint.key) hold "
+                        "each stage's current model and optimizer state: the public encoder, the coarse model "
+                        "trained on the private data, and the certified methods' intermediate, UNCERTIFIED noisy "
+                        "models. All are deleted when the job succeeds, unless --keep-checkpoints")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the --checkpoint-dir files after success (they include uncertified models: keep "
+                        "them private)")
     p.add_argument("--noise-seed", type=int, default=None,
-                   help="seed the certified noise (reproducible, NOT secret); default: OS entropy")
+                   help="seed the certified noise (reproducible, NOT secret; each data seed and operator gets "
+                        "its own key); default: a secret key from the OS")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also record the certified methods' noisy-phase losses and evaluations; they are NOT "
+                        "covered by the certificates, which then say so (as does the report)")
 
 
 def _add_run(sub) -> None:
@@ -107,20 +119,28 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         from .pipeline import DemoConfig
 
-        config = dataclasses.replace(_quick_config() if args.quick else DemoConfig(), noise_seed=args.noise_seed)
+        config = dataclasses.replace(_quick_config() if args.quick else DemoConfig(), noise_seed=args.noise_seed,
+                                     diagnostics=args.diagnostics)
         if args.seeds:
             from .report import summarize_seeds
 
             reports = {s: run_synthetic_demo(args.out / f"seed-{s}", seed=s, device=args.device, config=config,
                                              progress=not args.no_progress,
-                                             checkpoint_dir=args.checkpoint_dir and args.checkpoint_dir / f"seed-{s}")
+                                             checkpoint_dir=args.checkpoint_dir and args.checkpoint_dir / f"seed-{s}",
+                                             keep_checkpoints=args.keep_checkpoints)
                        for s in args.seeds}
+            if args.checkpoint_dir is not None and not args.keep_checkpoints and _is_main_rank():
+                try:
+                    args.checkpoint_dir.rmdir()  # each seed's job emptied and removed its own folder
+                except OSError:
+                    pass
             if _is_main_rank():
                 summarize_seeds(reports, args.out)
                 print((args.out / "summary.md").read_text())
             return 0
         report = run_synthetic_demo(args.out, seed=args.seed, device=args.device, config=config,
-                                    progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir)
+                                    progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
+                                    keep_checkpoints=args.keep_checkpoints)
         if _is_main_rank():
             print(format_table(report["methods"], markdown=False))
             print(f"\nreport: {args.out / 'report.md'}  ({report['config']['total_wall_s']:.0f} s)")

@@ -2,10 +2,22 @@
 
 ``run_synthetic_demo`` is what ``pyunlearn demo`` runs; ``run_pipeline`` is the same job on any
 data (``pyunlearn run CONFIG.toml``).
+
+What a certified method contributes to the report is within its certificate: its final model's metrics,
+its record (post-processing losses, evaluations from the end of the noisy phase on), hyper-parameters,
+certificate and wall time. The noisy phase's evaluations appear only with ``DemoConfig.diagnostics``,
+and the certificate and report then say they are not covered. The other rows (coarse model, retrain,
+oracle, fine-tuning, ...) evaluate uncertified models and are comparisons, not covered by any certificate.
+
+With ``checkpoint_dir`` the job locks the folder, keeps every stage's checkpoint there until the job
+succeeds (so a rerun after a crash resumes, finished stages included), then deletes them all, the coarse
+model's included, unless ``keep_checkpoints``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +28,13 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import unlearn
+from .checkpoint import RunLock, remove_checkpoint
 from .data import SyntheticShortcuts
 from .metrics import dice, pooled_scores, s_global, subgroup_auroc
 from .models import EncoderDecoder
 from .unlearn import SegmentationUnlearningData
 
-__all__ = ["DemoConfig", "EvalSet", "evaluate", "run_pipeline", "run_synthetic_demo", "METHODS"]
+__all__ = ["DemoConfig", "EvalSet", "evaluate", "job_noise_seed", "run_pipeline", "run_synthetic_demo", "METHODS"]
 
 #: Methods of the main job, in report order.
 METHODS = ("coarse", "retrain", "oracle", "finetune", "neggrad_seg", "gradient_clipping", "model_clipping")
@@ -64,8 +77,13 @@ class DemoConfig:
     mc_c2: float = 1.0
     post_steps: int = 300
     post_lr: float = 1e-2
-    #: Seed of the certified noise; None draws it from the operating system (secret, not reproducible).
+    #: Seed of the certified noise; None draws a secret key from the operating system (not reproducible).
+    #: Seeded noise is NOT secret. Each (noise_seed, data seed) pair gives its own key per operator
+    #: (:func:`job_noise_seed`), so no two released models of a job share noise.
     noise_seed: Optional[int] = None
+    #: Record the noisy phase's losses and evaluations of the certified methods (NOT covered by their
+    #: certificates, which then say so; off by default).
+    diagnostics: bool = False
     eval_every: int = 25
     s_global_boot: int = 200
     methods: tuple = METHODS
@@ -127,9 +145,20 @@ def evaluate(model: nn.Module, test: EvalSet, *, n_boot: int = 200, seed: int = 
     return out
 
 
+def job_noise_seed(noise_seed: Optional[int], seed: int) -> Optional[int]:
+    """The noise seed the certified operators of the job with data seed ``seed`` use: None stays None
+    (secret keys), otherwise a seed derived from ``(noise_seed, seed)``, so jobs with other data seeds (e.g.
+    ``pyunlearn demo --seeds 0 1 2``) never reuse one operator's noise for a second released model."""
+    if noise_seed is None:
+        return None
+    digest = hashlib.sha256(f"pyunlearn/job-noise-seed/v1\0{int(noise_seed)}\0{int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
 def _method_kwargs(config: DemoConfig, seed: int) -> dict[str, tuple[Callable, dict]]:
     common = dict(batch_size=config.batch_size, seed=seed)
-    post = dict(finetune_steps=config.post_steps, finetune_lr=config.post_lr)
+    noise_seed = job_noise_seed(config.noise_seed, seed)
+    post = dict(finetune_steps=config.post_steps, finetune_lr=config.post_lr, diagnostics=config.diagnostics)
     return {
         "retrain": (unlearn.retrain, dict(steps=config.retrain_steps, lr=config.lr, **common)),
         "finetune": (unlearn.finetune, dict(steps=config.finetune_steps, lr=config.finetune_lr, **common)),
@@ -137,10 +166,10 @@ def _method_kwargs(config: DemoConfig, seed: int) -> dict[str, tuple[Callable, d
                                                   lr=config.finetune_lr, **common)),
         "gradient_clipping": (unlearn.gradient_clipping, dict(
             epsilon=config.epsilon, delta=config.delta, steps=config.gc_steps, lr=config.gc_lr, c0=config.gc_c0,
-            c1=config.gc_c1, weight_decay=config.gc_weight_decay, noise_seed=config.noise_seed, **post, **common)),
+            c1=config.gc_c1, weight_decay=config.gc_weight_decay, noise_seed=noise_seed, **post, **common)),
         "model_clipping": (unlearn.model_clipping, dict(
             epsilon=config.epsilon, delta=config.delta, steps=config.mc_steps, lr=config.mc_lr, c2=config.mc_c2,
-            noise_seed=config.noise_seed, **post, **common)),
+            noise_seed=noise_seed, **post, **common)),
         # Pixel-level PSG (not in the default method list): forget pixels relabelled to the original
         # model's nearest wrong class at a perturbed boundary point.
         "psg_segmentation": (unlearn.psg_segmentation, dict(steps=config.finetune_steps, lr=config.finetune_lr,
@@ -152,15 +181,63 @@ def _checkpoint_path(checkpoint_dir: Optional[Path], stage: str) -> Optional[Pat
     return None if checkpoint_dir is None else Path(checkpoint_dir) / f"{stage.replace(' ', '_')}.ckpt"
 
 
+PRETRAIN_STAGES = ("public encoder", "coarse decoder")
+
+
+@contextlib.contextmanager
+def checkpoint_folder(checkpoint_dir: Optional[Path], stages, *, keep: bool = False):
+    """Hold the lock of ``checkpoint_dir`` (a second job on the folder fails at once) for the block; when the
+    block succeeds, delete the checkpoints of ``stages`` (and the folder, if that leaves it empty) unless
+    ``keep``. After a failure they stay, for a rerun to resume."""
+    if checkpoint_dir is None:
+        yield
+        return
+    folder = Path(checkpoint_dir)
+    main = _main_rank()
+    lock = RunLock(folder / ".pyunlearn.lock", what="checkpoint folder").acquire() if main else None
+    try:
+        yield
+        if main and not keep:
+            for stage in stages:
+                remove_checkpoint(_checkpoint_path(folder, stage))
+    finally:
+        if lock is not None:
+            lock.release()
+    if main and not keep:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (files of the user's) or already gone
+            pass
+
+
 def run_pipeline(model: nn.Module, data: SegmentationUnlearningData, test: EvalSet, config: DemoConfig, *,
                  seed: int = 0, oracle_data: Optional[SegmentationUnlearningData] = None,
-                 progress: bool = True, checkpoint_dir: Optional[Path] = None) -> tuple[dict, dict[str, nn.Module]]:
+                 progress: bool = True, checkpoint_dir: Optional[Path] = None,
+                 keep_checkpoints: bool = False) -> tuple[dict, dict[str, nn.Module]]:
     """Unlearn with every configured method from the coarse ``model`` and evaluate each.
 
     Returns ``(methods, models)``: per-method metrics/records and the resulting models. With
-    ``checkpoint_dir`` every method checkpoints there and a rerun resumes (finished methods replay
-    from their final checkpoint).
+    ``checkpoint_dir`` (locked for the call) every method checkpoints there and a rerun resumes (finished
+    methods replay from their final checkpoint); when every method is done the checkpoints are deleted
+    unless ``keep_checkpoints``.
     """
+    with checkpoint_folder(checkpoint_dir, _stages(config), keep=keep_checkpoints):
+        return _run_methods(model, data, test, config, seed=seed, oracle_data=oracle_data, progress=progress,
+                            checkpoint_dir=checkpoint_dir)
+
+
+def _stages(config: DemoConfig) -> list[str]:
+    wanted = [m for m in config.methods if m != "coarse"]
+    duplicated = sorted({m for m in wanted if wanted.count(m) > 1})
+    if duplicated:
+        # One method twice would release two models from the same noise key (seeded noise).
+        raise ValueError(f"methods lists {duplicated} more than once")
+    return wanted
+
+
+def _run_methods(model: nn.Module, data: SegmentationUnlearningData, test: EvalSet, config: DemoConfig, *,
+                 seed: int, oracle_data: Optional[SegmentationUnlearningData], progress: bool,
+                 checkpoint_dir: Optional[Path]) -> tuple[dict, dict[str, nn.Module]]:
     results: dict[str, dict] = {}
     models: dict[str, nn.Module] = {"coarse": model}
     results["coarse"] = {**evaluate(model, test, n_boot=config.s_global_boot, seed=seed), "wall_s": 0.0,
@@ -171,7 +248,10 @@ def run_pipeline(model: nn.Module, data: SegmentationUnlearningData, test: EvalS
         return {"worst_group_auroc": metrics["worst_group_auroc"], "auroc": metrics["auroc"]}
 
     table = _method_kwargs(config, seed)
-    wanted = [m for m in config.methods if m != "coarse"]
+    wanted = _stages(config)
+    # Inside the job the checkpoints stay until every stage is done (a rerun replays finished ones);
+    # checkpoint_folder deletes them at the end.
+    keep = dict(keep_checkpoints=True) if checkpoint_dir is not None else {}
     for name in tqdm(wanted, desc="methods", disable=not progress):
         if name == "oracle":
             if oracle_data is None:
@@ -179,7 +259,7 @@ def run_pipeline(model: nn.Module, data: SegmentationUnlearningData, test: EvalS
             t0 = time.perf_counter()
             trained, record = unlearn.retrain(model, oracle_data, steps=config.retrain_steps, lr=config.lr,
                                               batch_size=config.batch_size, seed=seed, progress=progress,
-                                              checkpoint=_checkpoint_path(checkpoint_dir, name))
+                                              checkpoint=_checkpoint_path(checkpoint_dir, name), **keep)
             record["wall_s"] = time.perf_counter() - t0
         else:
             if name not in table:
@@ -188,11 +268,13 @@ def run_pipeline(model: nn.Module, data: SegmentationUnlearningData, test: EvalS
             if name in ("finetune", "gradient_clipping", "model_clipping", "retrain"):
                 kwargs = dict(kwargs, eval_fn=trajectory_eval, eval_every=config.eval_every)
             if name != "psg_segmentation":
-                kwargs = dict(kwargs, progress=progress, checkpoint=_checkpoint_path(checkpoint_dir, name))
+                kwargs = dict(kwargs, progress=progress, checkpoint=_checkpoint_path(checkpoint_dir, name), **keep)
             trained, record = fn(model, data, **kwargs)
         metrics = evaluate(trained, test, n_boot=config.s_global_boot, seed=seed)
         results[name] = {**metrics, "wall_s": record["wall_s"], "certificate": record.get("certificate"),
                          "trajectory": record.get("trajectory", []), "hyperparameters": record.get("hyperparameters")}
+        if "diagnostics" in record:  # only with config.diagnostics; the certificate lists it as not covered
+            results[name]["diagnostics"] = record["diagnostics"]
         models[name] = trained
     return results, models
 
@@ -209,31 +291,36 @@ def build_synthetic(config: DemoConfig, seed: int):
 
 def pretrain(public_images: torch.Tensor, public_masks: torch.Tensor, private: SegmentationUnlearningData,
              config: DemoConfig, *, seed: int, progress: bool = True,
-             checkpoint_dir: Optional[Path] = None) -> nn.Module:
+             checkpoint_dir: Optional[Path] = None, keep_checkpoints: bool = False) -> nn.Module:
     """A public encoder (trained with its own decoder on public data), frozen; then a fresh decoder
-    trained on the private coarse masks: the coarse model."""
+    trained on the private coarse masks: the coarse model. With ``checkpoint_dir`` each stage's checkpoint
+    is deleted when it succeeds unless ``keep_checkpoints`` (the demo keeps them until the job is done)."""
     torch.manual_seed(seed)
     model = EncoderDecoder(in_channels=public_images.shape[1], width=config.width)
     everything = torch.ones(public_images.shape[0], dtype=torch.bool)
     public = SegmentationUnlearningData.from_masks(public_images, public_masks, public_masks, everything)
     unlearn.train_segmenter(model, public, target="all", steps=config.public_steps, lr=config.lr,
                             batch_size=config.batch_size, seed=seed, progress=progress, method="public encoder",
-                            checkpoint=_checkpoint_path(checkpoint_dir, "public encoder"))
+                            checkpoint=_checkpoint_path(checkpoint_dir, "public encoder"),
+                            keep_checkpoints=keep_checkpoints)
     model.freeze_encoder().reset_decoder(seed)
     coarse_all = SegmentationUnlearningData(images=private.images, target=private.coarse, retain=private.retain,
                                             forget=private.forget, coarse=private.coarse, has_fine=private.has_fine)
     unlearn.train_segmenter(model, coarse_all, target="all", steps=config.coarse_steps, lr=config.lr,
                             batch_size=config.batch_size, seed=seed, progress=progress, method="coarse decoder",
-                            checkpoint=_checkpoint_path(checkpoint_dir, "coarse decoder"))
+                            checkpoint=_checkpoint_path(checkpoint_dir, "coarse decoder"),
+                            keep_checkpoints=keep_checkpoints)
     return model
 
 
 def run_synthetic_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu", config: Optional[DemoConfig] = None,
-                       progress: bool = True, figures: bool = True, checkpoint_dir: Optional[Path] = None) -> dict:
+                       progress: bool = True, figures: bool = True, checkpoint_dir: Optional[Path] = None,
+                       keep_checkpoints: bool = False) -> dict:
     """The synthetic end-to-end job behind ``pyunlearn demo``; writes report.json, report.md, figures.
 
-    With ``checkpoint_dir`` every training stage checkpoints there; rerunning the same command after
-    a crash or pre-emption resumes where it stopped."""
+    With ``checkpoint_dir`` (locked for the job) every training stage checkpoints there; rerunning the same
+    command after a crash or pre-emption resumes where it stopped. When the job succeeds every checkpoint
+    (the coarse model's included) is deleted, unless ``keep_checkpoints``."""
     from .report import write_report
 
     config = config or DemoConfig()
@@ -252,12 +339,13 @@ def run_synthetic_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu
                                                    torch.ones_like(to(private.has_fine)))
     evalset = EvalSet(images=to(test.images), fine=to(test.fine), labels=test.labels,
                       has_artefact=test.has_artefact, artefact_map=to(test.artefact_map))
-    model = pretrain(to(public.images), to(public.fine), data, config, seed=seed, progress=progress,
-                     checkpoint_dir=checkpoint_dir).to(dev)
-    evalset.cache_features(model)
-    pretrain_s = time.perf_counter() - t0
-    methods, models = run_pipeline(model, data, evalset, config, seed=seed, oracle_data=oracle, progress=progress,
-                                   checkpoint_dir=checkpoint_dir)
+    with checkpoint_folder(checkpoint_dir, PRETRAIN_STAGES + tuple(_stages(config)), keep=keep_checkpoints):
+        model = pretrain(to(public.images), to(public.fine), data, config, seed=seed, progress=progress,
+                         checkpoint_dir=checkpoint_dir, keep_checkpoints=True).to(dev)
+        evalset.cache_features(model)
+        pretrain_s = time.perf_counter() - t0
+        methods, models = _run_methods(model, data, evalset, config, seed=seed, oracle_data=oracle,
+                                       progress=progress, checkpoint_dir=checkpoint_dir)
     report = {"config": {**config.to_dict(), "seed": seed, "device": device, "pretrain_wall_s": pretrain_s,
                          "total_wall_s": time.perf_counter() - t0},
               "methods": methods}

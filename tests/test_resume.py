@@ -25,14 +25,14 @@ SCRIPT = textwrap.dedent("""
     model = EncoderDecoder(width=4).freeze_encoder()
     kill_at = int(sys.argv[2])
     calls = []
-    def eval_fn(m):  # runs after every step; SIGKILL ourselves at the chosen step
+    def eval_fn(m):  # runs after every step (diagnostics); SIGKILL ourselves at the chosen step
         calls.append(1)
         if len(calls) == kill_at:
             os.kill(os.getpid(), 9)
         return {"worst_group_auroc": 0.0}
     out, record = gradient_clipping(model, data, steps=4, lr=0.1, c0=1.0, c1=0.1, weight_decay=1.0,
                                     finetune_steps=4, batch_size=8, seed=0, noise_seed=5, checkpoint=sys.argv[1],
-                                    checkpoint_every=1, eval_fn=eval_fn, eval_every=1)
+                                    checkpoint_every=1, eval_fn=eval_fn, eval_every=1, diagnostics=True)
     torch.save({"state": out.state_dict(), "certificate": record["certificate"]}, sys.argv[3])
 """)
 
@@ -40,6 +40,16 @@ SCRIPT = textwrap.dedent("""
 def _run(tmp_path, ckpt, kill_at, result):
     return subprocess.run([sys.executable, "-c", SCRIPT, str(ckpt), str(kill_at), str(result)],
                           capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(autouse=True)
+def private_key_file(tmp_path_factory, monkeypatch):
+    """Each test (and the subprocesses it starts) authenticates checkpoints with its own key file, outside
+    the checkpoint folders and never in the real home."""
+    path = tmp_path_factory.mktemp("keys") / "checkpoint.key"
+    monkeypatch.setenv("PYUNLEARN_CHECKPOINT_KEY_FILE", str(path))
+    monkeypatch.delenv("PYUNLEARN_CHECKPOINT_KEY", raising=False)
+    return path
 
 
 @pytest.mark.parametrize("kill_at", [3, 7])  # inside the noisy phase, inside the post-processing phase
@@ -57,6 +67,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, kill_at):
         assert torch.equal(value, again["state"][name]), name
     assert full["certificate"]["epsilon"] == again["certificate"]["epsilon"]
     assert full["certificate"]["hyperparameters"]["sigma"] == again["certificate"]["hyperparameters"]["sigma"]
+    assert not (tmp_path / "run.ckpt").exists(), "a run that succeeded leaves no checkpoint"
 
 
 @pytest.fixture
@@ -70,7 +81,7 @@ def tiny():
 def test_checkpoint_of_other_hyperparameters_is_refused(tmp_path, tiny):
     model, data = tiny
     path = tmp_path / "c.ckpt"
-    finetune(model, data, steps=2, batch_size=4, checkpoint=path, checkpoint_every=1)
+    finetune(model, data, steps=2, batch_size=4, checkpoint=path, checkpoint_every=1, keep_checkpoints=True)
     with pytest.raises(CheckpointError, match="different run.*hyperparameters"):
         finetune(model, data, steps=2, lr=0.5, batch_size=4, checkpoint=path)
     with pytest.raises(CheckpointError, match="different run"):
@@ -83,11 +94,11 @@ def test_checkpoint_of_other_hyperparameters_is_refused(tmp_path, tiny):
 def test_corrupt_checkpoint_is_refused(tmp_path, tiny):
     model, data = tiny
     path = tmp_path / "c.ckpt"
-    finetune(model, data, steps=2, batch_size=4, checkpoint=path, checkpoint_every=1)
+    finetune(model, data, steps=2, batch_size=4, checkpoint=path, checkpoint_every=1, keep_checkpoints=True)
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="SHA-256"):
+    with pytest.raises(CheckpointError, match="fails authentication"):
         finetune(model, data, steps=2, batch_size=4, checkpoint=path)
     path.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a pyunlearn checkpoint"):
@@ -110,12 +121,13 @@ def test_finished_run_resumes_to_the_same_result(tmp_path, tiny):
     model, data = tiny
     path = tmp_path / "gc.ckpt"
     first, rec1 = gradient_clipping(model, data, steps=2, finetune_steps=2, batch_size=4, noise_seed=3,
-                                    checkpoint=path, checkpoint_every=1)
+                                    checkpoint=path, checkpoint_every=1, keep_checkpoints=True)
     again, rec2 = gradient_clipping(model, data, steps=2, finetune_steps=2, batch_size=4, noise_seed=3,
                                     checkpoint=path, checkpoint_every=1)
     for (n, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), n
     assert rec1["certificate"] == rec2["certificate"]
+    assert not path.exists()  # the second run succeeded without keep_checkpoints
 
 
 def _metrics(report):
@@ -154,7 +166,7 @@ def test_checkpoint_of_another_starting_model_is_refused(tmp_path, tiny):
     model, data = tiny
     path = tmp_path / "gc.ckpt"
     gradient_clipping(model, data, steps=2, finetune_steps=1, batch_size=4, noise_seed=1, checkpoint=path,
-                      checkpoint_every=1)
+                      checkpoint_every=1, keep_checkpoints=True)
     other = EncoderDecoder(width=4).freeze_encoder()
     with pytest.raises(CheckpointError, match="model"):
         gradient_clipping(other, data, steps=2, finetune_steps=1, batch_size=4, noise_seed=1, checkpoint=path)

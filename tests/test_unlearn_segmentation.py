@@ -158,8 +158,9 @@ BASE_KEYS = {"losses", "trajectory", "method", "wall_s", "hyperparameters", "cer
 
 
 def expected_steps(name: str, kw: dict) -> int:
-    return kw.get("steps", 0) + kw.get("finetune_steps", 0) if name != "output_perturbation" \
-        else kw["finetune_steps"]
+    """Recorded losses: every step of a plain operator; only the post-processing steps of a certified one
+    (the noisy phase's losses are diagnostics, off by default)."""
+    return kw["finetune_steps"] if name in CERTIFIED else kw["steps"]
 
 
 @pytest.mark.parametrize("name", list(OPERATORS))
@@ -212,10 +213,34 @@ def test_eval_trajectory_recorded(name):
     if name == "finetune":
         assert steps == [2, 3]
     elif name == "gradient_clipping":
-        # step 0 before the noisy phase, then every 2 steps and at the end of each phase.
-        assert steps == [0, 2, 3, 5]
+        # From the end of the noisy phase (the certified model, step 3) on: every 2 steps and at the end.
+        assert steps == [3, 5]
+        assert "diagnostics" not in record and not record["certificate"]["not_covered"]
     else:
-        assert steps == [0, 2]
+        assert steps == [0, 2]  # step 0 is the released noisy model
+
+
+@pytest.mark.parametrize("name", ["gradient_clipping", "model_clipping"])
+def test_diagnostics_record_the_noisy_phase_and_say_it_is_not_covered(name):
+    fn, kw = OPERATORS[name]
+    calls = []
+
+    def spy(model):
+        calls.append(1)
+        return eval_fn(model)
+
+    _, quiet = fn(make_model(), make_data(), **COMMON, **kw, eval_fn=spy, eval_every=2)
+    assert len(calls) == 2  # the certified model (step 3) and the end of post-processing (step 5) only
+    _, loud = fn(make_model(), make_data(), **COMMON, **kw, eval_fn=eval_fn, eval_every=2, diagnostics=True)
+    diag = loud["diagnostics"]
+    assert [e["step"] for e in diag["trajectory"]] == [0, 2]
+    assert len(diag["losses"]) == kw["steps"]
+    assert [e["step"] for e in loud["trajectory"]] == [e["step"] for e in quiet["trajectory"]] == [3, 5]
+    assert len(loud["losses"]) == len(quiet["losses"]) == kw["finetune_steps"]
+    assert quiet["certificate"]["not_covered"] == []
+    (sentence,) = loud["certificate"]["not_covered"]
+    assert "diagnostics" in sentence and "noisy phase" in sentence
+    assert loud["hyperparameters"]["diagnostics"] is True and quiet["hyperparameters"]["diagnostics"] is False
 
 
 @pytest.mark.parametrize("name", [

@@ -3,13 +3,22 @@
 Every operator takes a model and a :class:`SegmentationUnlearningData`, never modifies the model it
 is given (it works on a copy), and returns ``(model, record)``. The record holds the hyper-parameters,
 the wall time, the loss curve, an optional evaluation trajectory, and the certificate (or ``None``).
+For a certified operator the record holds only what is computed from the certified model and its
+post-processed descendants, plus data-independent facts (hyper-parameters, certificate, wall time); the
+noisy phase's losses and evaluations are diagnostics, off by default (``diagnostics=True``).
+
+``checkpoint=PATH`` makes a run resumable: the file (private, mode 0600, authenticated with a key kept
+outside it; see :mod:`pyunlearn.checkpoint`) is locked while the run uses it and deleted when the run
+succeeds, unless ``keep_checkpoints=True``.
 
 When the model's encoder is frozen (a public encoder), its features are computed once and only the
 decoder trains: the certified parameter set is exactly the trainable parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,7 +29,8 @@ from tqdm.auto import tqdm
 
 from .. import certify, ops
 from .._validation import count, positive
-from ..checkpoint import load_checkpoint, model_identity, save_checkpoint
+from ..checkpoint import (CheckpointError, RunLock, checkpoint_key, data_identity, load_checkpoint, model_identity,
+                          remove_checkpoint, save_checkpoint)
 from ..losses import masked_cross_entropy
 from ..optim import GradientClipping, ModelClipping
 from ..optim._certified import noise_key, project_
@@ -124,6 +134,22 @@ def batch_at(indices: torch.Tensor, batch_size: int, seed: int, step: int) -> to
     return indices[order[slot * batch_size:(slot + 1) * batch_size]]
 
 
+#: ``seed * 1_000_003 + epoch`` must fit torch's 64-bit generator seed.
+_SEED_LIMIT = 2**43
+
+
+def _check_seed(seed, name: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
+        raise ValueError(f"{name} must be an int in [0, 2**43), got {seed!r}")
+    return seed
+
+
+def _check_noise_seed(noise_seed) -> None:
+    if noise_seed is not None and (isinstance(noise_seed, bool) or not isinstance(noise_seed, int)
+                                   or not 0 <= noise_seed < 2**63):
+        raise ValueError(f"noise_seed must be None (secret noise) or an int in [0, 2**63), got {noise_seed!r}")
+
+
 def _check_loss(loss: torch.Tensor, step: int, method: str) -> None:
     if not torch.isfinite(loss):
         raise ValueError(f"{method}: the loss at step {step} is {loss.item()} (NaN/Inf); the step was not taken "
@@ -142,17 +168,48 @@ def _retain_loss(logits, data, index):
 
 
 class _Checkpoints:
-    """Periodic atomic checkpoints of one operator run (model, optimizer with its RNG counter and step,
-    loss record, phase) and resumption from them. Batches are a pure function of (seed, step), so the
-    data order needs no state of its own."""
+    """Periodic atomic checkpoints of one operator run (model, optimizer with its step counter, record,
+    phase) and resumption from them. Batches are a pure function of (seed, step), so the data order needs no
+    state of its own.
 
-    def __init__(self, path, every: int, identity: dict):
+    Used as a context manager around the whole run: entering takes the run's lock (rank 0) and loads an
+    existing checkpoint (authenticated, and refused unless its identity matches this run's); leaving after
+    success deletes the checkpoint unless ``keep``; leaving after an error keeps it for a resume. The lock
+    file goes either way."""
+
+    def __init__(self, path, every: int, identity: dict, *, keep: bool = False, key: Optional[bytes] = None):
         self.path = None if path is None else Path(path)
         if self.path is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"checkpoint_every must be an int >= 1, got {every!r}")
         self.every = every
         self.identity = identity
-        self.state = load_checkpoint(self.path, identity=identity) if self.path and self.path.exists() else None
+        self.keep = bool(keep)
+        self.key = key
+        self.state: Optional[dict] = None
+        self._lock: Optional[RunLock] = None
+
+    def __enter__(self) -> "_Checkpoints":
+        if self.path is None:
+            return self
+        if _world()[0] == 0:
+            self._lock = RunLock(self.path.with_name(self.path.name + ".lock")).acquire()
+        try:
+            if self.path.exists():
+                self.state = load_checkpoint(self.path, identity=self.identity, key=self.key)
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.path is not None and exc_type is None and not self.keep and _world()[0] == 0:
+            remove_checkpoint(self.path)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     @property
     def phase(self) -> Optional[str]:
@@ -173,19 +230,24 @@ class _Checkpoints:
             return
         save_checkpoint(self.path, {"phase": phase, "step": done, "model": model.state_dict(),
                                     "optimizer": optimizer.state_dict(), "record": record, "extra": extra or {}},
-                        identity=self.identity)
+                        identity=self.identity, key=self.key)
 
 
-def _data_signature(data: SegmentationUnlearningData) -> dict:
-    return {"n": len(data), "image_shape": list(data.images.shape),
-            "images_sum": float(data.images.sum(dtype=torch.float64)),
-            "retain": int(data.retain.sum()), "forget": int(data.forget.sum()), "target": int(data.target.sum())}
+def _data_tensors(data: SegmentationUnlearningData) -> dict[str, torch.Tensor]:
+    return {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
 
 
-def _checkpoints(path, every, *, method: str, model: nn.Module, data, hyper: dict) -> _Checkpoints:
-    identity = {"method": method, "hyperparameters": hyper, "model": model_identity(model),
-                "data": _data_signature(data)} if path is not None else {}
-    return _Checkpoints(path, every, identity)
+def _checkpoints(path, every, *, method: str, model: nn.Module, data, hyper: dict, noise=None,
+                 keep: bool = False) -> _Checkpoints:
+    """The checkpoints of one run. Its identity: the method, every hyper-parameter, the noise (``"secret"``,
+    ``{"seed": s}``, or None for a noise-free method), and keyed digests of the starting model and of the data
+    contents (HMAC under the checkpoint key; no plain hash of either is written)."""
+    if path is None:
+        return _Checkpoints(None, every, {}, keep=keep)
+    key = checkpoint_key(folder=Path(path).parent)
+    identity = {"method": method, "hyperparameters": hyper, "noise": noise, "model": model_identity(model, key),
+                "data": data_identity(_data_tensors(data), key)}
+    return _Checkpoints(path, every, identity, keep=keep, key=key)
 
 
 def _world() -> tuple[int, int]:
@@ -218,6 +280,7 @@ def _run(model: nn.Module, data: SegmentationUnlearningData, optimizer: torch.op
     ranks. Only rank 0 writes checkpoints."""
     count(steps, f"{method}: steps", minimum=0)
     count(batch_size, f"{method}: batch_size")
+    _check_seed(seed)
     record = record if record is not None else {"losses": [], "trajectory": []}
     if steps == 0:
         return record
@@ -276,13 +339,14 @@ def _adam(model: nn.Module, lr: float, name: str = "lr") -> torch.optim.Optimize
 def train_segmenter(model: nn.Module, data: SegmentationUnlearningData, *, target: str = "retain",
                     steps: int = 400, lr: float = 1e-2, batch_size: int = 32, seed: int = 0,
                     inplace: bool = True, progress: bool = False, method: str = "train", checkpoint=None,
-                    checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
+                    checkpoint_every: int = 50, keep_checkpoints: bool = False) -> tuple[nn.Module, dict]:
     """Supervised training of the trainable parameters on all pixels with labels ``data.target``
     (``target="all"``) or on the retain pixels only (``target="retain"``). Resumable like the operators."""
     t0 = time.perf_counter()
     model = _start(model, inplace)
     ck = _checkpoints(checkpoint, checkpoint_every, method=method, model=model, data=data,
-                      hyper=dict(target=target, steps=steps, lr=lr, batch_size=batch_size, seed=seed))
+                      hyper=dict(target=target, steps=steps, lr=lr, batch_size=batch_size, seed=seed),
+                      keep=keep_checkpoints)
     if target == "all":
         everything = torch.ones_like(data.retain)
 
@@ -292,38 +356,44 @@ def train_segmenter(model: nn.Module, data: SegmentationUnlearningData, *, targe
         loss_fn = _retain_loss
     else:
         raise ValueError(f"target must be 'all' or 'retain', got {target!r}")
-    record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method=method,
-                  loss_fn=loss_fn, index_mask=torch.ones_like(data.retain) if target == "all" else None,
-                  progress=progress, checkpoints=ck)
+    with ck:
+        record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method=method,
+                      loss_fn=loss_fn, index_mask=torch.ones_like(data.retain) if target == "all" else None,
+                      progress=progress, checkpoints=ck)
     return model, _finish(record, method, t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
 
 
 def finetune(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 300, lr: float = 5e-3,
              batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
              inplace: bool = False, progress: bool = False, checkpoint=None,
-             checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
+             checkpoint_every: int = 50, keep_checkpoints: bool = False) -> tuple[nn.Module, dict]:
     """Plain fine-tuning (Adam) on the retain pixels. Not certified.
 
     ``checkpoint``: a file path; the run saves there every ``checkpoint_every`` steps and, when the
-    file exists, resumes from it (refusing one written by a different run). Same for every operator."""
+    file exists, resumes from it (refusing one written by a different run, or one that fails
+    authentication). Two runs cannot use one file at a time (a lock). The file is deleted when the run
+    succeeds unless ``keep_checkpoints=True``. Same for every operator."""
     t0 = time.perf_counter()
     model = _start(model, inplace)
     hyper = dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed)
-    ck = _checkpoints(checkpoint, checkpoint_every, method="finetune", model=model, data=data, hyper=hyper)
-    record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="finetune",
-                  eval_fn=eval_fn, eval_every=eval_every, progress=progress, checkpoints=ck)
+    ck = _checkpoints(checkpoint, checkpoint_every, method="finetune", model=model, data=data, hyper=hyper,
+                      keep=keep_checkpoints)
+    with ck:
+        record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="finetune",
+                      eval_fn=eval_fn, eval_every=eval_every, progress=progress, checkpoints=ck)
     return model, _finish(record, "finetune", t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
 
 
 def retrain(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 600, lr: float = 1e-2,
             batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
             inplace: bool = False, progress: bool = False, checkpoint=None,
-            checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
+            checkpoint_every: int = 50, keep_checkpoints: bool = False) -> tuple[nn.Module, dict]:
     """Exact-unlearning reference: re-initialise the trainable parameters and train on retain pixels only."""
     t0 = time.perf_counter()
     model = _start(model, inplace)
     hyper = dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed)
-    ck = _checkpoints(checkpoint, checkpoint_every, method="retrain", model=model, data=data, hyper=hyper)
+    ck = _checkpoints(checkpoint, checkpoint_every, method="retrain", model=model, data=data, hyper=hyper,
+                      keep=keep_checkpoints)
     if hasattr(model, "reset_decoder") and getattr(model, "encoder_frozen", False):
         model.reset_decoder(seed)
     else:
@@ -332,15 +402,16 @@ def retrain(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 
             for m in model.modules():
                 if hasattr(m, "reset_parameters") and any(p.requires_grad for p in m.parameters(recurse=False)):
                     m.reset_parameters()
-    record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="retrain",
-                  eval_fn=eval_fn, eval_every=eval_every, progress=progress, checkpoints=ck)
+    with ck:
+        record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="retrain",
+                      eval_fn=eval_fn, eval_every=eval_every, progress=progress, checkpoints=ck)
     return model, _finish(record, "retrain", t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
 
 
 def relabel(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 300, lr: float = 5e-3,
             batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
             inplace: bool = False, progress: bool = False, checkpoint=None,
-            checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
+            checkpoint_every: int = 50, keep_checkpoints: bool = False) -> tuple[nn.Module, dict]:
     """The isomorphism used directly: fine-tune on all pixels with the known forget pixels relabelled to
     background (coarse labels elsewhere). Not certified: the coarse insides of coarse-only images stay."""
     t0 = time.perf_counter()
@@ -352,17 +423,18 @@ def relabel(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 
         return masked_cross_entropy(logits, relabelled[index], everything[index])
 
     ck = _checkpoints(checkpoint, checkpoint_every, method="relabel", model=model, data=data,
-                      hyper=dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed))
-    record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="relabel",
-                  loss_fn=loss_fn, index_mask=everything, eval_fn=eval_fn, eval_every=eval_every,
-                  progress=progress, checkpoints=ck)
+                      hyper=dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed), keep=keep_checkpoints)
+    with ck:
+        record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="relabel",
+                      loss_fn=loss_fn, index_mask=everything, eval_fn=eval_fn, eval_every=eval_every,
+                      progress=progress, checkpoints=ck)
     return model, _finish(record, "relabel", t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
 
 
 def neggrad_seg(model: nn.Module, data: SegmentationUnlearningData, *, beta: float = 0.9, steps: int = 300,
                 lr: float = 5e-3, batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None,
                 eval_every: int = 0, inplace: bool = False, progress: bool = False, checkpoint=None,
-                checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
+                checkpoint_every: int = 50, keep_checkpoints: bool = False) -> tuple[nn.Module, dict]:
     """Per-pixel NegGrad+: ``beta * L(D_r) - (1 - beta) * L(D_f, coarse labels)``. Not certified."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
@@ -375,48 +447,152 @@ def neggrad_seg(model: nn.Module, data: SegmentationUnlearningData, *, beta: flo
         return beta * keep - (1.0 - beta) * forget
 
     ck = _checkpoints(checkpoint, checkpoint_every, method="neggrad_seg", model=model, data=data,
-                      hyper=dict(beta=beta, steps=steps, lr=lr, batch_size=batch_size, seed=seed))
-    record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed,
-                  method="neggrad_seg", loss_fn=loss_fn, eval_fn=eval_fn, eval_every=eval_every, progress=progress,
-                  checkpoints=ck)
+                      hyper=dict(beta=beta, steps=steps, lr=lr, batch_size=batch_size, seed=seed),
+                      keep=keep_checkpoints)
+    with ck:
+        record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed,
+                      method="neggrad_seg", loss_fn=loss_fn, eval_fn=eval_fn, eval_every=eval_every, progress=progress,
+                      checkpoints=ck)
     return model, _finish(record, "neggrad_seg", t0, beta=beta, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
 
 
-def _certified_run(model, data, optimizer_cls, optimizer_kwargs, *, method, steps, batch_size, seed,
-                   finetune_steps, finetune_lr, eval_fn, eval_every, progress, checkpoint, checkpoint_every):
-    """Noisy certified phase on retain data, then optional noise-free fine-tuning on retain data
-    (post-processing: the guarantee is unchanged). Resumable in either phase."""
-    count(finetune_steps, "finetune_steps", minimum=0)  # before the noisy phase, not after it
+def _certified_identity_noise(noise_seed: Optional[int]):
+    return "secret" if noise_seed is None else {"seed": noise_seed}
+
+
+def _precheck(model: nn.Module, data: SegmentationUnlearningData, *, method: str, batch_size, seed, noise_seed,
+              finetune_steps, finetune_lr, eval_fn, eval_every, steps=None) -> _Inputs:
+    """Everything a certified run can check before it touches the model: argument types and ranges, retain-only
+    data with a non-empty retain set, no floating-point buffers, and one forward pass showing the model takes
+    the data. The optimizer's constructor, which projects (and for model clipping perturbs) the parameters,
+    runs only after this, so a bad call leaves the model unchanged, ``inplace=True`` included."""
+    if steps is not None:
+        count(steps, f"{method}: steps")
+    count(batch_size, f"{method}: batch_size")
+    _check_seed(seed)
+    _check_noise_seed(noise_seed)
+    count(finetune_steps, "finetune_steps", minimum=0)
     positive(finetune_lr, "finetune_lr")
-    t0 = time.perf_counter()
+    count(eval_every, "eval_every", minimum=0)
+    if eval_fn is not None and not callable(eval_fn):
+        raise TypeError(f"eval_fn must be callable or None, got {type(eval_fn).__name__}")
     _check_certifiable(model, data)
-    named = _trainable(model)
-    ck = _checkpoints(checkpoint, checkpoint_every, method=method, model=model, data=data,
-                      hyper=dict(optimizer_kwargs, steps=steps, batch_size=batch_size, seed=seed,
-                                 finetune_steps=finetune_steps, finetune_lr=finetune_lr))
-    # NOTE: the optimizer is built before any checkpoint is restored: its constructor projects (and for
-    # model clipping perturbs) the parameters, which the restored state then overwrites.
-    optimizer = optimizer_cls(named, steps=steps, **optimizer_kwargs)
+    _trainable(model)
+    pool = _retain_indices(data, data.retain, method)
+    _, world = _world()
+    if world > min(batch_size, pool.numel()):
+        raise ValueError(f"{method}: batch_size {min(batch_size, pool.numel())} is smaller than the {world} ranks")
     inputs = _Inputs(model, data.images)
-    record = {"losses": [], "trajectory": []}
-    if ck.phase == "post":
-        certificate = certify.Certificate.from_dict(ck.state["extra"]["certificate"])
-    else:
-        if eval_fn is not None and eval_every:
-            record["trajectory"].append({"step": 0, **_evaluate(eval_fn, model)})
-        _run(model, data, optimizer, steps=steps, batch_size=batch_size, seed=seed, method=method, inputs=inputs,
-             eval_fn=eval_fn, eval_every=eval_every, progress=progress, record=record, checkpoints=ck,
-             phase="noisy")
-        certificate = optimizer.certificate()
-    record["noisy_steps"] = steps
-    _run(model, data, _adam(model, finetune_lr, "finetune_lr"), steps=finetune_steps, batch_size=batch_size, seed=seed + 1,
-         method=f"{method} (post-processing)", inputs=inputs, eval_fn=eval_fn, eval_every=eval_every,
-         step_offset=steps, progress=progress, record=record, checkpoints=ck, phase="post",
-         extra={"certificate": certificate.to_dict()})
+    _probe(model, inputs, data, method)
+    return inputs
+
+
+def _probe(model: nn.Module, inputs: _Inputs, data: SegmentationUnlearningData, method: str) -> None:
+    """One forward pass on one image, without gradients and in eval mode (so no running statistics move;
+    the modes are restored): a model that does not take the data fails here."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = inputs.logits(torch.zeros(1, dtype=torch.long, device=data.images.device))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    h, w = data.target.shape[-2:]
+    if logits.dim() != 4 or tuple(logits.shape[-2:]) != (h, w):
+        raise ValueError(f"{method}: the model maps data.images to logits of shape {tuple(logits.shape)}; expected "
+                         f"(B, K, {h}, {w}) to match data.target")
+
+
+@contextlib.contextmanager
+def _unchanged_on_failure(model: nn.Module):
+    """Puts the trainable parameters (and the training modes) back as they were if the block raises: a
+    failed certified call (with ``inplace=True`` too) leaves no half-projected or half-noised model behind."""
+    saved = [(p, p.detach().clone()) for _, p in _trainable(model)]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+        for m, mode in modes.items():
+            m.training = mode
+        raise
+
+
+def _not_covered_diagnostics(steps: int) -> str:
+    return (f"record['diagnostics'] (diagnostics=True): the losses and evaluations of the noisy phase (steps 0 to "
+            f"{steps - 1}). They are computed from uncertified intermediate models (the step-0 evaluation alone, of "
+            "the clipped starting model, can tell the two worlds apart), so releasing them voids the guarantee")
+
+
+def _certified_run(model, data, optimizer_cls, optimizer_kwargs, *, method, noise_seed, steps, batch_size, seed,
+                   finetune_steps, finetune_lr, eval_fn, eval_every, progress, checkpoint, checkpoint_every,
+                   diagnostics, keep_checkpoints):
+    """Noisy certified phase on retain data, then optional noise-free fine-tuning on retain data
+    (post-processing: the guarantee is unchanged). Resumable in either phase.
+
+    Only what is computed from the certified model (the end of the noisy phase) and its post-processed
+    descendants goes into the record: the evaluation at the end of the noisy phase, the post-processing
+    losses and evaluations. The noisy phase's own losses and evaluations are recorded only with
+    ``diagnostics=True``, under ``record['diagnostics']``, and the certificate then says it does not cover
+    them. On resume the certificate is recomputed by the optimizer from its restored state, never read."""
+    t0 = time.perf_counter()
+    inputs = _precheck(model, data, method=method, steps=steps, batch_size=batch_size, seed=seed,
+                       noise_seed=noise_seed, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                       eval_fn=eval_fn, eval_every=eval_every)
+    diagnostics = bool(diagnostics)
+    named = _trainable(model)
+    hyper = dict(optimizer_kwargs, steps=steps, batch_size=batch_size, seed=seed, finetune_steps=finetune_steps,
+                 finetune_lr=finetune_lr, eval_every=eval_every, diagnostics=diagnostics)
+    ck = _checkpoints(checkpoint, checkpoint_every, method=method, model=model, data=data, hyper=hyper,
+                      noise=_certified_identity_noise(noise_seed), keep=keep_checkpoints)
+    evaluating = eval_fn is not None and eval_every > 0
+    with ck, _unchanged_on_failure(model):
+        # NOTE: the optimizer is built before any checkpoint is restored: its constructor projects (and for
+        # model clipping perturbs) the parameters, which the restored state then overwrites.
+        optimizer = optimizer_cls(named, steps=steps, seed=noise_seed, **optimizer_kwargs)
+        diag = {"losses": [], "trajectory": []}  # the noisy phase's losses (and evaluations with diagnostics)
+        record = {"losses": [], "trajectory": []}
+        if ck.phase == "post":
+            saved = ck.state["extra"]["certified"]
+            with torch.no_grad():
+                for name, p in named:
+                    p.copy_(saved["params"][name])
+            optimizer.load_state_dict(saved["optimizer"])
+        else:
+            if diagnostics and evaluating and ck.phase is None:
+                diag["trajectory"].append({"step": 0, **_evaluate(eval_fn, model)})
+            _run(model, data, optimizer, steps=steps, batch_size=batch_size, seed=seed, method=method,
+                 inputs=inputs, eval_fn=eval_fn if diagnostics else None, eval_every=eval_every, progress=progress,
+                 record=diag, checkpoints=ck, phase="noisy")
+        certificate = optimizer.certificate()  # the run's own analysis, after a restore too
+        if optimizer.seeded != (noise_seed is not None):  # pragma: no cover - the identity already binds it
+            raise CheckpointError(f"{checkpoint}: restored a {'seeded' if optimizer.seeded else 'secret'} run")
+        if ck.phase != "post":
+            # The end of the noisy phase is the certified model: its evaluation is covered.
+            if diag["trajectory"] and diag["trajectory"][-1]["step"] == steps:
+                record["trajectory"].append(diag["trajectory"].pop())
+            elif evaluating:
+                record["trajectory"].append({"step": steps, **_evaluate(eval_fn, model)})
+            record["noisy_steps"] = steps
+            if diagnostics:
+                record["diagnostics"] = diag
+        certified = {"params": {name: p.detach().clone() for name, p in named},
+                     "optimizer": optimizer.state_dict()} if ck.path is not None else None
+        _run(model, data, _adam(model, finetune_lr, "finetune_lr"), steps=finetune_steps, batch_size=batch_size,
+             seed=seed + 1, method=f"{method} (post-processing)", inputs=inputs, eval_fn=eval_fn,
+             eval_every=eval_every, step_offset=steps, progress=progress, record=record, checkpoints=ck,
+             phase="post", extra={"certified": certified})
+        model.eval()
+    if diagnostics:
+        certificate.not_covered.append(_not_covered_diagnostics(steps))
     record["certificate"] = certificate.to_dict()
     hyper = {k: v for k, v in optimizer.hyper.items() if k not in ("params", "param_names")}
     return model, _finish(record, method, t0, **hyper, steps=steps, batch_size=batch_size, seed=seed,
-                          finetune_steps=finetune_steps, finetune_lr=finetune_lr)
+                          noise_seed=noise_seed, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                          diagnostics=diagnostics)
 
 
 def gradient_clipping(model: nn.Module, data: SegmentationUnlearningData, *, epsilon: float = 1.0,
@@ -424,19 +600,25 @@ def gradient_clipping(model: nn.Module, data: SegmentationUnlearningData, *, eps
                       weight_decay: float = 0.0, sigma: Optional[float] = None, finetune_steps: int = 300,
                       finetune_lr: float = 5e-3, batch_size: int = 32, seed: int = 0,
                       noise_seed: Optional[int] = None, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
-                      inplace: bool = False, progress: bool = False, checkpoint=None,
-                      checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
+                      diagnostics: bool = False, inplace: bool = False, progress: bool = False, checkpoint=None,
+                      checkpoint_every: int = 50, keep_checkpoints: bool = False) -> tuple[nn.Module, dict]:
     """Certified (epsilon, delta) unlearning by noisy clipped-gradient fine-tuning
     (:class:`~pyunlearn.optim.GradientClipping`), then noise-free fine-tuning on retain data.
 
-    ``noise_seed=None`` draws the noise seed from the operating system (a secret seed)."""
+    ``noise_seed=None`` draws a secret noise key from the operating system; a seed makes the noise
+    reproducible and NOT secret (the certificate says so). ``eval_fn`` is called every ``eval_every`` steps
+    of the post-processing phase and at the end of the noisy phase (the certified model); with
+    ``diagnostics=True`` also at step 0 and inside the noisy phase, recorded under ``record['diagnostics']``
+    with the noisy losses, which the certificate then lists as not covered. ``checkpoint``: see
+    :func:`finetune`; the file is deleted when the run succeeds unless ``keep_checkpoints``."""
     model = _start(model, inplace)
-    kwargs = dict(lr=lr, c0=c0, c1=c1, delta=delta, weight_decay=weight_decay, seed=noise_seed)
+    kwargs = dict(lr=lr, c0=c0, c1=c1, delta=delta, weight_decay=weight_decay)
     kwargs.update(sigma=sigma) if sigma is not None else kwargs.update(epsilon=epsilon)
-    return _certified_run(model, data, GradientClipping, kwargs, method="gradient_clipping", steps=steps,
-                          batch_size=batch_size, seed=seed, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-                          eval_fn=eval_fn, eval_every=eval_every, progress=progress, checkpoint=checkpoint,
-                          checkpoint_every=checkpoint_every)
+    return _certified_run(model, data, GradientClipping, kwargs, method="gradient_clipping", noise_seed=noise_seed,
+                          steps=steps, batch_size=batch_size, seed=seed, finetune_steps=finetune_steps,
+                          finetune_lr=finetune_lr, eval_fn=eval_fn, eval_every=eval_every, progress=progress,
+                          checkpoint=checkpoint, checkpoint_every=checkpoint_every, diagnostics=diagnostics,
+                          keep_checkpoints=keep_checkpoints)
 
 
 def model_clipping(model: nn.Module, data: SegmentationUnlearningData, *, epsilon: float = 1.0,
@@ -444,17 +626,20 @@ def model_clipping(model: nn.Module, data: SegmentationUnlearningData, *, epsilo
                    c0: Optional[float] = None, sigma0: float = 0.0, weight_decay: float = 0.0,
                    sigma: Optional[float] = None, finetune_steps: int = 300, finetune_lr: float = 5e-3,
                    batch_size: int = 32, seed: int = 0, noise_seed: Optional[int] = None,
-                   eval_fn: Optional[EvalFn] = None, eval_every: int = 0, inplace: bool = False,
-                   progress: bool = False, checkpoint=None, checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
+                   eval_fn: Optional[EvalFn] = None, eval_every: int = 0, diagnostics: bool = False,
+                   inplace: bool = False, progress: bool = False, checkpoint=None, checkpoint_every: int = 50,
+                   keep_checkpoints: bool = False) -> tuple[nn.Module, dict]:
     """Certified (epsilon, delta) unlearning by projected noisy gradient descent
-    (:class:`~pyunlearn.optim.ModelClipping`), then noise-free fine-tuning on retain data."""
+    (:class:`~pyunlearn.optim.ModelClipping`), then noise-free fine-tuning on retain data. Records,
+    diagnostics and checkpoints as :func:`gradient_clipping`."""
     model = _start(model, inplace)
-    kwargs = dict(lr=lr, c2=c2, c0=c0, sigma0=sigma0, delta=delta, weight_decay=weight_decay, seed=noise_seed)
+    kwargs = dict(lr=lr, c2=c2, c0=c0, sigma0=sigma0, delta=delta, weight_decay=weight_decay)
     kwargs.update(sigma=sigma) if sigma is not None else kwargs.update(epsilon=epsilon)
-    return _certified_run(model, data, ModelClipping, kwargs, method="model_clipping", steps=steps,
-                          batch_size=batch_size, seed=seed, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-                          eval_fn=eval_fn, eval_every=eval_every, progress=progress, checkpoint=checkpoint,
-                          checkpoint_every=checkpoint_every)
+    return _certified_run(model, data, ModelClipping, kwargs, method="model_clipping", noise_seed=noise_seed,
+                          steps=steps, batch_size=batch_size, seed=seed, finetune_steps=finetune_steps,
+                          finetune_lr=finetune_lr, eval_fn=eval_fn, eval_every=eval_every, progress=progress,
+                          checkpoint=checkpoint, checkpoint_every=checkpoint_every, diagnostics=diagnostics,
+                          keep_checkpoints=keep_checkpoints)
 
 
 def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, epsilon: float = 1.0,
@@ -463,28 +648,33 @@ def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, e
                         eval_fn: Optional[EvalFn] = None, eval_every: int = 0, inplace: bool = False,
                         progress: bool = False) -> tuple[nn.Module, dict]:
     """Baseline: ``clip(x, c0) + N(0, sigma0^2 I)`` with sigma0 from
-    :func:`~pyunlearn.certify.sigma_output_perturbation`, then noise-free fine-tuning on retain data."""
+    :func:`~pyunlearn.certify.sigma_output_perturbation`, then noise-free fine-tuning on retain data.
+
+    There is no uncertified phase: the step-0 evaluation is of the released noisy model, and every later
+    loss and evaluation of its post-processed descendants, so the whole record is covered."""
     t0 = time.perf_counter()
     model = _start(model, inplace)
-    _check_certifiable(model, data)
+    inputs = _precheck(model, data, method="output_perturbation", batch_size=batch_size, seed=seed,
+                       noise_seed=noise_seed, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                       eval_fn=eval_fn, eval_every=eval_every)
     named = _trainable(model)
     params = [p for _, p in named]
     # Already float32 (what the noise kernel adds exactly) and with the clip slack in its sensitivity; extreme
     # epsilon/delta/c0 are ValueErrors naming them, raised before the model is touched.
     sigma0 = certify.sigma_output_perturbation(epsilon=epsilon, delta=delta, c0=c0)
     seeded = noise_seed is not None
-    if seeded and (isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or not 0 <= noise_seed < 2**63):
-        raise ValueError(f"noise_seed must be an int in [0, 2**63), got {noise_seed!r}")
     key = noise_key(noise_seed if seeded else None, "output_perturbation")
-    with torch.no_grad():
-        project_(params, c0)
-        ops.add_noise_(params, sigma=sigma0, key=key, step=0, stream=STREAM_INIT)
     record = {"losses": [], "trajectory": []}
-    if eval_fn is not None and eval_every:
-        record["trajectory"].append({"step": 0, **_evaluate(eval_fn, model)})
-    _run(model, data, _adam(model, finetune_lr, "finetune_lr"), steps=finetune_steps, batch_size=batch_size, seed=seed,
-         method="output_perturbation (post-processing)", eval_fn=eval_fn, eval_every=eval_every, progress=progress,
-         record=record)
+    with _unchanged_on_failure(model):
+        with torch.no_grad():
+            project_(params, c0)
+            ops.add_noise_(params, sigma=sigma0, key=key, step=0, stream=STREAM_INIT)
+        if eval_fn is not None and eval_every:
+            record["trajectory"].append({"step": 0, **_evaluate(eval_fn, model)})
+        _run(model, data, _adam(model, finetune_lr, "finetune_lr"), steps=finetune_steps, batch_size=batch_size,
+             seed=seed, method="output_perturbation (post-processing)", inputs=inputs, eval_fn=eval_fn,
+             eval_every=eval_every, progress=progress, record=record)
+        model.eval()
     certificate = certify.Certificate(
         epsilon=float(epsilon), delta=float(delta), operator="output_perturbation",
         hyperparameters={"c0": c0, "sigma0": sigma0, "seed": noise_seed if seeded else None},
@@ -497,4 +687,4 @@ def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, e
         seeded=seeded)
     record["certificate"] = certificate.to_dict()
     return model, _finish(record, "output_perturbation", t0, epsilon=epsilon, delta=delta, c0=c0, sigma0=sigma0,
-                          finetune_steps=finetune_steps, finetune_lr=finetune_lr, seed=seed)
+                          finetune_steps=finetune_steps, finetune_lr=finetune_lr, seed=seed, noise_seed=noise_seed)
