@@ -17,7 +17,10 @@ _COLUMNS = (("auroc", "AUROC"), ("worst_group_auroc", "worst-group AUROC"), ("di
 def _cell(metrics: dict, key: str) -> str:
     value = metrics.get(key)
     if key == "certificate":
-        return "-" if not value else f"eps={value['epsilon']:.3g}, delta={value['delta']:.0e}"
+        if not value:
+            return "-"
+        return (f"eps={value['epsilon']:.3g}, delta={value['delta']:.0e}, "
+                f"{'seeded' if value.get('seeded') else 'secret'} noise")
     if value is None:
         return "-"
     if key == "s_global" and metrics.get("s_global_ci"):
@@ -92,8 +95,10 @@ def _figures(report: dict, out: Path, models: dict, test) -> list[str]:
         fig.savefig(out / "overlays.png", dpi=110)
         plt.close(fig)
         written.append("overlays.png")
-    # 2. Worst-group AUROC along the unlearning run (noisy phase, then post-processing).
+    # 2. Worst-group AUROC along the unlearning run. A certified method's curve starts at the end of its
+    #    noisy phase (the certified model); the noisy phase itself is drawn only from diagnostics, labelled.
     fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    any_diagnostics = False
     for name, m in methods.items():
         traj = m.get("trajectory") or []
         if traj:
@@ -101,11 +106,18 @@ def _figures(report: dict, out: Path, models: dict, test) -> list[str]:
             noisy = (m.get("hyperparameters") or {}).get("steps") if m.get("certificate") else None
             if noisy:
                 ax.axvline(noisy, color=ax.lines[-1].get_color(), ls=":", lw=0.8)
+        diag = (m.get("diagnostics") or {}).get("trajectory") or []
+        if diag:
+            any_diagnostics = True
+            ax.plot([p["step"] for p in diag], [p["worst_group_auroc"] for p in diag], ls="--", lw=0.8, marker="x",
+                    color=ax.lines[-1].get_color() if traj else None,
+                    label=f"{name}: noisy phase (diagnostics, NOT certified)")
     for name in ("coarse", "oracle"):
         if name in methods:
             ax.axhline(methods[name]["worst_group_auroc"], ls="--", lw=0.8, color="grey")
             ax.text(0, methods[name]["worst_group_auroc"], f" {name}", fontsize=7, va="bottom", color="grey")
-    ax.set_xlabel("unlearning step (dotted: end of the certified noisy phase)")
+    ax.set_xlabel("unlearning step (dotted: end of the noisy phase" + ("; dashed: not certified)" if any_diagnostics
+                                                                       else ")"))
     ax.set_ylabel("worst-group AUROC")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -141,13 +153,32 @@ def write_report(report: dict, out: Path, *, models: Optional[dict] = None, test
     lines += ["Pooled image score = mean foreground probability. Subgroup AUROC compares the positives of one "
               "artefact subgroup with the negatives of another; `pos_clean_vs_neg_art` is where a shortcut "
               "misleads. S_global in nats with a bootstrap interval over images.", ""]
+    certified = [name for name, m in report["methods"].items() if m.get("certificate")]
+    if certified:
+        lines += ["A certificate covers its method's released model and everything this report shows of that method: "
+                  "the metrics of its final model, its curve in the trajectory figure (which starts at the certified "
+                  "model, the end of the noisy phase, and continues through noise-free post-processing on retain "
+                  "data), its hyper-parameters and its wall time. The other rows evaluate uncertified models (the "
+                  "coarse model, retraining, fine-tuning, ...) and are comparisons, covered by no certificate.", ""]
+    diagnosed = [name for name in certified if report["methods"][name].get("diagnostics")]
+    if diagnosed:
+        lines += ["**Diagnostics are on** for " + ", ".join(f"`{n}`" for n in diagnosed) + ": report.json holds "
+                  "their noisy phase's losses and evaluations under `diagnostics`, and the trajectory figure draws "
+                  "them dashed. These are computed from intermediate, uncertified models: they are NOT covered by "
+                  "the certificates, and releasing them voids the guarantee.", ""]
     for name, m in report["methods"].items():
         cert = m.get("certificate")
         if cert:
+            seed = (cert.get("hyperparameters") or {}).get("seed")
+            noise = (f"seeded (seed {seed}): reproducible and NOT secret, for tests and reproducibility only; the "
+                     "guarantee holds only against an adversary who does not know the seed"
+                     if cert.get("seeded") else "secret: a key drawn from the operating system's entropy, never stored")
             lines += [f"## Certificate: {name}", "", f"(epsilon, delta) = ({cert['epsilon']:.4g}, {cert['delta']:.1e}),"
                       f" operator `{cert['operator']}`, covers {len(cert['parameters'])} tensors: "
-                      + ", ".join(f"`{p}`" for p in cert["parameters"]), "", "Assumptions:", ""]
+                      + ", ".join(f"`{p}`" for p in cert["parameters"]), "", f"Noise: {noise}.", "", "Assumptions:", ""]
             lines += [f"- {a}" for a in cert["assumptions"]] + [""]
+            if cert.get("not_covered"):
+                lines += ["NOT covered by this certificate:", ""] + [f"- {a}" for a in cert["not_covered"]] + [""]
     for pic in pictures:
         lines += [f"![{pic}]({pic})", ""]
     lines += ["## Configuration", "", "```json", json.dumps(_jsonable(report.get("config", {})), indent=2), "```", ""]

@@ -1,5 +1,6 @@
 """The main job from the command line, on tiny configurations."""
 import json
+import stat
 
 import pytest
 
@@ -7,6 +8,13 @@ from pyunlearn.cli import main
 from pyunlearn.pipeline import METHODS
 
 METRIC_KEYS = {"auroc", "worst_group_auroc", "group_auroc", "dice", "s_global", "s_global_ci", "wall_s", "certificate"}
+
+
+@pytest.fixture(autouse=True)
+def private_key_file(tmp_path_factory, monkeypatch):
+    """Checkpoints are authenticated with a key file of the test's own, outside the checkpoint folders."""
+    monkeypatch.setenv("PYUNLEARN_CHECKPOINT_KEY_FILE", str(tmp_path_factory.mktemp("keys") / "checkpoint.key"))
+    monkeypatch.delenv("PYUNLEARN_CHECKPOINT_KEY", raising=False)
 
 
 def test_demo_quick_writes_report(tmp_path, capsys):
@@ -32,7 +40,53 @@ def test_demo_quick_writes_report(tmp_path, capsys):
         assert (out / picture).stat().st_size > 1000
     md = (out / "report.md").read_text()
     assert "gradient_clipping" in md and "Assumptions" in md
+    assert "Noise: secret" in md and "secret noise" in md and "Diagnostics are on" not in md
+    for name, noisy in (("gradient_clipping", report["config"]["gc_steps"]),
+                        ("model_clipping", report["config"]["mc_steps"])):
+        method = report["methods"][name]
+        assert "diagnostics" not in method and method["certificate"]["not_covered"] == []
+        assert method["trajectory"][0]["step"] == noisy  # starts at the certified model
     assert "worst-group AUROC" in capsys.readouterr().out
+
+
+def _metrics(report):
+    return {name: {k: v for k, v in m.items() if k != "wall_s"} for name, m in report["methods"].items()}
+
+
+def test_demo_checkpoints_are_private_and_deleted_after_success(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    base = ["demo", "--quick", "--no-progress", "--noise-seed", "3", "--checkpoint-dir", str(ckpt)]
+    assert main(base + ["--out", str(tmp_path / "kept"), "--keep-checkpoints"]) == 0
+    files = sorted(p.name for p in ckpt.iterdir())
+    assert files == sorted(f"{m}.ckpt" for m in ("public_encoder", "coarse_decoder") + METHODS[1:]), files
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in ckpt.iterdir())
+    # The same command without --keep-checkpoints replays every stage from its checkpoint and then deletes
+    # them all, the coarse model's included.
+    assert main(base + ["--out", str(tmp_path / "replayed")]) == 0
+    assert not ckpt.exists()
+    kept, replayed = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("kept", "replayed"))
+    assert _metrics(kept) == _metrics(replayed)
+
+
+def test_demo_refuses_a_checkpoint_dir_in_use(tmp_path):
+    from pyunlearn.checkpoint import CheckpointLockedError, RunLock
+
+    ckpt = tmp_path / "ckpt"
+    with RunLock(ckpt / ".pyunlearn.lock"):
+        with pytest.raises(CheckpointLockedError, match="another run"):
+            main(["demo", "--quick", "--no-progress", "--out", str(tmp_path / "o"), "--checkpoint-dir", str(ckpt)])
+
+
+def test_demo_diagnostics_are_labelled_not_covered(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick", "--no-progress", "--diagnostics", "--noise-seed", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for name in ("gradient_clipping", "model_clipping"):
+        method = report["methods"][name]
+        assert method["diagnostics"]["trajectory"][0]["step"] == 0
+        assert method["certificate"]["not_covered"] and method["certificate"]["seeded"] is True
+    md = (out / "report.md").read_text()
+    assert "Diagnostics are on" in md and "NOT covered by this certificate" in md and "seeded (seed" in md
 
 
 def test_demo_rejects_cuda_without_gpu(tmp_path):
