@@ -243,7 +243,8 @@ def load_checkpoint(path: str | Path, *, identity: dict[str, Any], key: Optional
     saved, wanted = header.get("identity", {}), _normalise(identity)
     if saved != wanted:
         keys = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-        raise CheckpointError(f"{path}: checkpoint belongs to a different run; differing entries: {keys}")
+        raise CheckpointError(f"{path}: checkpoint belongs to a different run; differing entries: {keys}. Resume "
+                              "with the same arguments, or give this run another checkpoint path")
     return torch.load(io.BytesIO(signed[newline + 1:]), weights_only=True)
 
 
