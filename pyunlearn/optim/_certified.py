@@ -256,7 +256,8 @@ class CertifiedOptimizer(torch.optim.Optimizer):
         parameters are then unchanged) and records the new fingerprint. Returns the norm."""
         values = result.tolist()
         status = int(values[0])
-        if status == STATUS_TAMPERED:
+        # A tampered model can also have a non-finite norm (NaN written into it): name the tampering.
+        if status == STATUS_TAMPERED or not fingerprint_matches(values[2:4], self._fingerprint):
             raise self._tampered(f"step {self.step_count}")
         if status == STATUS_NONFINITE:
             raise self._nonfinite(grads, what)
@@ -404,7 +405,7 @@ class CertifiedOptimizer(torch.optim.Optimizer):
             saved_kind = f"seed {identity['seed']}" if identity["seeded"] else "secret noise"
             this_kind = f"seed {self.seed}" if self.seeded else "secret noise"
             raise ValueError(f"state_dict comes from a run with {saved_kind}; this optimizer has {this_kind}. "
-                             "Resume with the same noise_seed (or again without one).")
+                             "Resume with the same seed (noise_seed= in the operators), or again without one.")
         differing = sorted(k for k in set(identity) | set(mine) if identity.get(k) != mine.get(k))
         if differing:
             detail = [f"{k}: saved {identity.get(k)!r}, here {mine.get(k)!r}" for k in differing]
