@@ -122,6 +122,7 @@ class ClippedSum:
     used: bool = False
 
 
+@torch.compiler.disable  # a host read-back: runs eagerly inside compiled training steps
 def _fingerprint(grad: torch.Tensor) -> list[float]:
     return ops.fingerprint([grad], _FP_KEY).tolist()
 

@@ -601,3 +601,27 @@ def test_empty_poisson_batches_are_noise_only_steps():
             if not len(xb):  # noise only: exactly -lr * noise / ebs moved each parameter
                 assert not unchanged(model, before)
     assert opt.steps_taken == steps and opt.state_dict()["dpsgd"]["history"] == [[1.0, q, steps]]
+
+
+def test_classification_dpsgd_baseline_with_empty_batches():
+    from pyunlearn.models_classify import LinearClassifier
+    from pyunlearn.unlearn.classification import train_classifier_dpsgd
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 4, generator=gen)
+    y = (x[:, 0] > 0).long()
+
+    def run(seed):
+        torch.manual_seed(0)
+        model = LinearClassifier(4, 2)
+        rec = train_classifier_dpsgd(model, (x, y), steps=25, sample_rate=0.05, noise_multiplier=1.0, lr=0.5,
+                                     forget_size=2, delta=1e-5, seed=seed)
+        return model, rec
+
+    model, rec = run(3)
+    assert rec["empty_batches"] > 0 and rec["steps"] == 25  # 0.95^20 = 36% of the steps are empty
+    cert = rec["certificate"]
+    assert cert["operator"] == "dpsgd" and cert["hyperparameters"]["group_size"] == 2 and cert["seeded"]
+    assert 0 < cert["epsilon"] < math.inf and cert["hyperparameters"]["epsilon_rdp"] >= cert["epsilon"]
+    again, _ = run(3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))

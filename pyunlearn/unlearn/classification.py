@@ -8,6 +8,8 @@
 * :func:`retrain` — train from scratch on the remain set (the exact-unlearning reference).
 * :func:`compose` — feature extractor of one run + classifier head of another, briefly fine-tuned.
 * :func:`train_classifier` — the plain supervised training loop (used for the original model).
+* :func:`train_classifier_dpsgd` — DP-SGD training (certified by training): Poisson batches, per-sample
+  clipping, noise; forgetting ``k`` samples later is covered by the group guarantee in its record.
 
 Data are ``(x, y)`` pairs or ``TensorDataset``s; models follow the contract of
 :mod:`pyunlearn.models_classify` (``compose`` needs ``features``/``head``). Every method returns
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 from .._validation import count, positive
 from ..models_classify import as_xy, check_classifier_contract
 
-__all__ = ["train_classifier", "finetune", "neggrad_plus", "scrub", "retrain", "compose"]
+__all__ = ["train_classifier", "train_classifier_dpsgd", "finetune", "neggrad_plus", "scrub", "retrain", "compose"]
 
 _OPTIMIZERS = ("adam", "sgd")
 
@@ -140,6 +142,70 @@ def train_classifier(
     return {"method": "train", "epochs": epochs, "steps": steps, "lr": lr, "batch_size": batch_size,
             "weight_decay": weight_decay, "optimizer": optimizer, "seed": seed,
             "final_loss": float(loss.detach()), "wall_s": time.perf_counter() - start}
+
+
+def train_classifier_dpsgd(
+    model: nn.Module,
+    data,
+    *,
+    steps: int,
+    sample_rate: float,
+    max_grad_norm: float = 1.0,
+    noise_multiplier: Optional[float] = None,
+    epsilon: Optional[float] = None,
+    delta: float = 1e-5,
+    lr: float = 0.1,
+    weight_decay: float = 0.0,
+    forget_size: int = 1,
+    accountant: str = "pld",
+    seed: Optional[int] = None,
+) -> dict[str, Any]:
+    """Train ``model`` **in place** with DP-SGD on ``data`` (cross-entropy); returns a record with the
+    certificate (:meth:`pyunlearn.optim.DPSGD.certificate`) for ``forget_size`` removed samples.
+
+    Batches are Poisson samples at ``sample_rate`` (:class:`pyunlearn.data.PoissonBatchSampler`), ``steps``
+    of them, empty ones included: an empty batch is a noise-only step (no forward pass). The noise is
+    ``noise_multiplier`` or calibrated for ``epsilon`` at ``delta`` *for a group of* ``forget_size``
+    samples. ``seed`` makes the batches and the noise reproducible (NOT secret: the certificate says so);
+    ``None`` draws both keys from the operating system. Every trainable layer must be supported by
+    :class:`pyunlearn.per_sample.PerSampleGradients` (no batch normalisation with batch statistics).
+    """
+    from ..data.sampling import PoissonBatchSampler
+    from ..optim.dpsgd import DPSGD
+    from ..per_sample import PerSampleGradients
+
+    start = time.perf_counter()
+    x, y = as_xy(data, "data", model=model)
+    count(steps, "steps")
+    count(forget_size, "forget_size")
+    if seed is not None:
+        _seed_check(seed)
+    sampler = PoissonBatchSampler(x.shape[0], sample_rate, steps, seed=seed)
+    params = _trainable(model)
+    opt = DPSGD(params, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                expected_batch_size=sampler.expected_batch_size, noise_multiplier=noise_multiplier, epsilon=epsilon,
+                delta=delta, steps=steps if epsilon is not None else None, sample_rate=sample_rate,
+                accountant=accountant, group_size=forget_size, seed=seed)
+    _train_mode(model)
+    sizes = []
+    with PerSampleGradients(model, loss_reduction="sum") as psg:
+        for t in range(steps):
+            idx = sampler.batch(t).to(x.device)
+            opt.zero_grad(set_to_none=True)
+            if idx.numel():
+                F.cross_entropy(model(x[idx]), y[idx], reduction="sum").backward()
+                psg.clipped_sum_(max_grad_norm)
+            else:
+                psg.empty_batch_(max_grad_norm)
+            opt.step()
+            sizes.append(int(idx.numel()))
+    model.eval()
+    cert = opt.certificate(delta, group_size=forget_size)
+    return {"method": "train_dpsgd", "steps": steps, "sample_rate": sample_rate, "lr": lr,
+            "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "noise_multiplier": opt.noise_multiplier,
+            "forget_size": forget_size, "seed": seed, "empty_batches": sizes.count(0),
+            "mean_batch_size": sum(sizes) / len(sizes), "certificate": cert.to_dict(),
+            "wall_s": time.perf_counter() - start}
 
 
 # --------------------------------------------------------------------------------------------------
