@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 
 from pyunlearn.ops import reference as _ref
-from pyunlearn.ops.rng import STREAM_UPDATE, _check_counter, check_key
+from pyunlearn.ops.rng import STREAM_UPDATE, _check_counter, check_key, release_grid
 
 from . import _check_launch_device
 
@@ -433,10 +433,19 @@ def _finalize_new_kernel(fp_ptr, n_blocks, res_ptr, RBLOCK: tl.constexpr):
     tl.store(res_ptr + 5, tl.where(ok, tl.sum(acc_s, axis=0), tl.load(res_ptr + 3)))
 
 
+@triton.jit
+def _release32(v, snap_h, snap_inv_h, snap_region):
+    """The float32 release of float64 ``v`` (``pyunlearn.ops.rng.snap``): on the grid ``snap_h`` where
+    ``|v| < snap_region`` (round half to even with 1.5 * 2^52), else rounded once."""
+    on_grid = ((v * snap_inv_h + 6755399441055744.0) - 6755399441055744.0) * snap_h
+    return tl.where(tl.abs(v) < snap_region, on_grid, v).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["n_blocks", "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "step", "stream",
                                "fk0", "fk1"])
 def _pass2_kernel(
     table_ptr, res_ptr, fp_ptr, n_blocks, lr, max_norm, weight_decay, sigma: tl.float64,
+    snap_h: tl.float64, snap_inv_h: tl.float64, snap_region: tl.float64,
     k0: tl.uint32, k1: tl.uint32, k2: tl.uint32, k3: tl.uint32, k4: tl.uint32, k5: tl.uint32, k6: tl.uint32,
     k7: tl.uint32, step: tl.uint32, stream: tl.uint32, fk0: tl.uint32, fk1: tl.uint32,
     MODEL: tl.constexpr, HAS_NOISE: tl.constexpr, G_DTYPE: tl.constexpr, QB: tl.constexpr,
@@ -456,7 +465,7 @@ def _pass2_kernel(
         c = x - lr * (g * factor + weight_decay * x)
     if HAS_NOISE:
         z = _noise_tile(g0, k0, k1, k2, k3, k4, k5, k6, k7, step, stream, QB)
-        c = (c.to(tl.float64) + sigma * z).to(tl.float32)
+        c = _release32(c.to(tl.float64) + sigma * z, snap_h, snap_inv_h, snap_region)
     tl.store(p_ptrs, c, mask=inb)
     _store_fp_partials(fp_ptr, n_blocks, tl.where(inb, c, 0.0), gidx, fk0, fk1)
 
@@ -464,6 +473,7 @@ def _pass2_kernel(
 @triton.jit(do_not_specialize=["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "step", "stream"])
 def _dpsgd_kernel(
     table_ptr, lr: tl.float64, std: tl.float64, expected_batch_size: tl.float64, weight_decay: tl.float64,
+    snap_h: tl.float64, snap_inv_h: tl.float64, snap_region: tl.float64,
     k0: tl.uint32, k1: tl.uint32, k2: tl.uint32, k3: tl.uint32, k4: tl.uint32, k5: tl.uint32, k6: tl.uint32,
     k7: tl.uint32, step: tl.uint32, stream: tl.uint32,
     G_DTYPE: tl.constexpr, HAS_NOISE: tl.constexpr, QB: tl.constexpr,
@@ -475,12 +485,13 @@ def _dpsgd_kernel(
     nd = tl.load(g_addr.to(tl.pointer_type(G_DTYPE)) + idx, mask=inb, other=0.0).to(tl.float32).to(tl.float64)
     if HAS_NOISE:
         nd = nd + std * _noise_tile(g0, k0, k1, k2, k3, k4, k5, k6, k7, step, stream, QB)
-    tl.store(p_ptrs, (x - lr * (nd / expected_batch_size + weight_decay * x)).to(tl.float32), mask=inb)
+    tl.store(p_ptrs, _release32(x - lr * (nd / expected_batch_size + weight_decay * x), snap_h, snap_inv_h,
+                                snap_region), mask=inb)
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "step", "stream"])
 def _add_noise_kernel(
-    table_ptr, sigma: tl.float64,
+    table_ptr, sigma: tl.float64, snap_h: tl.float64, snap_inv_h: tl.float64, snap_region: tl.float64,
     k0: tl.uint32, k1: tl.uint32, k2: tl.uint32, k3: tl.uint32, k4: tl.uint32, k5: tl.uint32, k6: tl.uint32,
     k7: tl.uint32, step: tl.uint32, stream: tl.uint32, QB: tl.constexpr,
 ):
@@ -489,7 +500,7 @@ def _add_noise_kernel(
     p_ptrs = p_addr.to(tl.pointer_type(tl.float32)) + idx
     x = tl.load(p_ptrs, mask=inb, other=0.0).to(tl.float64)
     z = _noise_tile(g0, k0, k1, k2, k3, k4, k5, k6, k7, step, stream, QB)
-    tl.store(p_ptrs, (x + sigma * z).to(tl.float32), mask=inb)
+    tl.store(p_ptrs, _release32(x + sigma * z, snap_h, snap_inv_h, snap_region), mask=inb)
 
 
 @triton.jit(do_not_specialize=["numel", "offset", "first", "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7",
@@ -661,7 +672,7 @@ def _clipping_step(where: str, model: bool, params, grads, *, lr: float, max_nor
     if plan.n_blocks:
         _pass2_kernel[(plan.n_blocks,)](
             plan.table, res, fp, plan.n_blocks, float(lr), float(max_norm), float(weight_decay), float(sigma),
-            *words, *fk, MODEL=model, HAS_NOISE=sigma != 0.0, G_DTYPE=plan.g_dtype, QB=plan.qb,
+            *_snap_args(float(sigma)), *words, *fk, MODEL=model, HAS_NOISE=sigma != 0.0, G_DTYPE=plan.g_dtype, QB=plan.qb,
             num_warps=_NUM_WARPS, enable_fp_fusion=False)
     _finalize_new_kernel[(1,)](fp, plan.n_blocks, res, RBLOCK=_RBLOCK, num_warps=4, enable_fp_fusion=False)
     plan.finish()
@@ -760,7 +771,8 @@ def _dpsgd_step(params, summed_clipped_grads, *, lr: float, noise_multiplier: fl
     if plan.n_blocks == 0:
         return
     _dpsgd_kernel[(plan.n_blocks,)](
-        plan.table, float(lr), std, float(expected_batch_size), float(weight_decay), *words,
+        plan.table, float(lr), std, float(expected_batch_size), float(weight_decay),
+        *_snap_args(float(lr) * std / float(expected_batch_size) if std > 0.0 else 0.0), *words,
         G_DTYPE=plan.g_dtype, HAS_NOISE=std > 0.0, QB=plan.qb, num_warps=_NUM_WARPS, enable_fp_fusion=False,
     )
     plan.finish()
@@ -779,9 +791,17 @@ def _add_noise(params, *, sigma: float, key: Sequence[int], step: int, stream: i
     plan = _Plan("add_noise_", params, None, "", block)
     if sigma == 0.0 or plan.n_blocks == 0:
         return
-    _add_noise_kernel[(plan.n_blocks,)](plan.table, float(sigma), *words, QB=plan.qb, num_warps=_NUM_WARPS,
+    _add_noise_kernel[(plan.n_blocks,)](plan.table, float(sigma), *_snap_args(float(sigma)), *words, QB=plan.qb, num_warps=_NUM_WARPS,
                                         enable_fp_fusion=False)
     plan.finish()
+
+
+def _snap_args(scale: float) -> tuple[float, float, float]:
+    """(h, 1/h, region) of the release grid of noise scale ``scale`` (region 0: no snap)."""
+    if scale == 0.0:
+        return 1.0, 1.0, 0.0
+    h, region = release_grid(scale, torch.float32)
+    return h, 1.0 / h, region
 
 
 def fingerprint(params: Sequence[torch.Tensor], fp_key: Sequence[int]) -> torch.Tensor:

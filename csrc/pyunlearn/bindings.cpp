@@ -138,6 +138,7 @@ at::Tensor gradient_clipping_step(const std::vector<at::Tensor>& params, const s
   // Pass 2: update, noise, fingerprint of the new parameters.
   a.factor = clip_factor(norm, max_grad_norm);
   a.sigma = sigma;
+  a.grid = release_grid(sigma);
   a.want_fp = true;
   const Fingerprint new_fp = apply_step(spans, StepKind::kGradClip, a);
   return step_result(status, norm, p1.fp, new_fp);
@@ -163,6 +164,7 @@ at::Tensor model_clipping_step(const std::vector<at::Tensor>& params, const std:
   if (status != kStatusOk) return step_result(status, norm, p1.fp, p1.fp);
   a.factor = clip_factor(norm, max_model_norm);
   a.sigma = sigma;
+  a.grid = release_grid(sigma);
   a.want_fp = true;
   const Fingerprint new_fp = apply_step(spans, StepKind::kModelClip, a);
   return step_result(status, norm, p1.fp, new_fp);
@@ -179,6 +181,7 @@ void dpsgd_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   a.sigma = noise_std > 0.0 ? noise_std : 0.0;  // reference: noise only if std > 0
   a.ebs = expected_batch_size;
   a.wd_d = weight_decay;
+  a.grid = release_grid(noise_std > 0.0 ? lr * noise_std / expected_batch_size : 0.0);
   apply_step(spans, StepKind::kDpsgd, a);
 }
 
@@ -189,6 +192,7 @@ void add_noise(const std::vector<at::Tensor>& params, double sigma, const std::v
   StepArgs a;
   a.key = key_of(key, step, stream, what);
   a.sigma = sigma;
+  a.grid = release_grid(sigma);
   if (sigma != 0.0) apply_step(spans, StepKind::kNoise, a);
 }
 

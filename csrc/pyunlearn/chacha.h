@@ -8,6 +8,7 @@
 // --fmad=false), so every backend gives bit-identical noise.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -196,6 +197,31 @@ PYUNLEARN_HOST_DEVICE void normals_of_block(const NoiseKey& key, uint64_t b, dou
   chacha20_block(key.k, static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32), key.step, key.stream, w);
   box_muller128(w + 0, w + 4, z[0], z[1]);
   box_muller128(w + 8, w + 12, z[2], z[3]);
+}
+
+// The release grid of a noisy float32 value (pyunlearn.ops.rng.release_grid / snap): with
+// E = floor(log2 scale), values |v| < region = 2^(E-7) are released on the grid h = 2^(E-30), so release
+// cells near 0 never get finer than the float64 grid of centre + sigma z (no sparse support there).
+struct ReleaseGrid {
+  double h = 0.0, inv_h = 0.0, region = 0.0;  // region 0: no snapping (scale 0)
+};
+
+inline ReleaseGrid release_grid(double scale) {
+  ReleaseGrid grid;
+  if (!(scale > 0.0)) return grid;
+  int e = 0;
+  (void)std::frexp(scale, &e);  // scale = m 2^e, m in [0.5, 1)
+  grid.h = std::ldexp(1.0, e - 1 - 30);
+  grid.inv_h = std::ldexp(1.0, -(e - 1 - 30));
+  grid.region = std::ldexp(1.0, e - 1 - 7);
+  return grid;
+}
+
+// The float32 release of the float64 value v on the grid (round half to even via 1.5 * 2^52).
+PYUNLEARN_HOST_DEVICE float release32(double v, const ReleaseGrid& grid) {
+  constexpr double kMagic = 6755399441055744.0;
+  const double on_grid = ((v * grid.inv_h + kMagic) - kMagic) * grid.h;
+  return static_cast<float>(fabs(v) < grid.region ? on_grid : v);
 }
 
 // Keyed fingerprint weight of global element i (pyunlearn.ops.reference.fingerprint_weights).

@@ -25,6 +25,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "kernels.h"
@@ -64,11 +65,11 @@ std::vector<Block> make_blocks(const std::vector<ParamSpan>& spans) {
   return blocks;
 }
 
-// Blocks per thread: problems below ~64K elements run on one thread (no fork/join cost).
-int64_t grain_for(const std::vector<Block>& blocks) {
+// Problems below ~64K elements run on one thread (no fork/join cost).
+bool run_serially(const std::vector<Block>& blocks) {
   int64_t total = 0;
   for (const Block& b : blocks) total += b.end - b.begin;
-  return total < (int64_t{1} << 16) ? std::max<int64_t>(1, static_cast<int64_t>(blocks.size())) : 1;
+  return total < (int64_t{1} << 16) || blocks.size() < 2;
 }
 
 // ------------------------------------------------------------------------------- fingerprint lanes
@@ -208,6 +209,7 @@ PYUNLEARN_INLINE Fingerprint update_block_impl(const StepArgs& a, float* __restr
                                                int64_t n, uint64_t first) {
   const float lr = a.lr, f = a.factor, wd = a.wd;
   const double lr_d = a.lr_d, wd_d = a.wd_d, ebs = a.ebs, sg = a.sigma;
+  const ReleaseGrid grid = a.grid;
   const FpKey key = a.fp;
   alignas(64) double zbuf[4 * kNoiseMaxBlocks];
   FpLanes acc;
@@ -218,6 +220,13 @@ PYUNLEARN_INLINE Fingerprint update_block_impl(const StepArgs& a, float* __restr
     const int64_t len = std::min<int64_t>(n - c, static_cast<int64_t>(kChunk - (g0 % kChunk)));
     const double* __restrict z = zbuf;
     if (kNoisy) {
+      // NOTE: the chunk's parameters (and gradients) are prefetched before its noise is generated, so they
+      // arrive during the ~3 us of noise arithmetic instead of stalling the update loop (the hardware
+      // prefetcher runs only a few lines ahead of the last access).
+      for (int64_t i = 0; i < len; i += 16) {
+        __builtin_prefetch(x + c + i, 1);
+        if (g != nullptr) __builtin_prefetch(g + c + i, 0);
+      }
       const uint64_t b0 = g0 / 4;
       const int64_t nb = static_cast<int64_t>((g0 + static_cast<uint64_t>(len) - 1) / 4 - b0 + 1);
       normals_of_blocks(a.key, b0, nb, zbuf);
@@ -230,19 +239,19 @@ PYUNLEARN_INLINE Fingerprint update_block_impl(const StepArgs& a, float* __restr
       if (kKind == StepKind::kGradClip) {
         // reference: p -= lr * (g * factor + wd * p); p <- round(p + sigma z) in double
         const float cv = xc[i] - lr * (gc[i] * f + wd * xc[i]);
-        v = kNoisy ? static_cast<float>(static_cast<double>(cv) + sg * z[i]) : cv;
+        v = kNoisy ? release32(static_cast<double>(cv) + sg * z[i], grid) : cv;
       } else if (kKind == StepKind::kModelClip) {
         // reference: y = p - lr * (g + wd * p); p <- y * factor; p <- round(p + sigma z) in double
         const float y = xc[i] - lr * (gc[i] + wd * xc[i]);
         const float cv = y * f;
-        v = kNoisy ? static_cast<float>(static_cast<double>(cv) + sg * z[i]) : cv;
+        v = kNoisy ? release32(static_cast<double>(cv) + sg * z[i], grid) : cv;
       } else if (kKind == StepKind::kDpsgd) {
         // reference (double): x - lr * ((g + std z) / ebs + wd x), rounded once
         const double xd = static_cast<double>(xc[i]);
         const double nd = kNoisy ? static_cast<double>(gc[i]) + sg * z[i] : static_cast<double>(gc[i]);
-        v = static_cast<float>(xd - lr_d * (nd / ebs + wd_d * xd));
+        v = release32(xd - lr_d * (nd / ebs + wd_d * xd), grid);
       } else {
-        v = kNoisy ? static_cast<float>(static_cast<double>(xc[i]) + sg * z[i]) : xc[i];
+        v = kNoisy ? release32(static_cast<double>(xc[i]) + sg * z[i], grid) : xc[i];
       }
       xc[i] = v;
       return v;
@@ -274,11 +283,26 @@ PYUNLEARN_CLONES PYUNLEARN_FLATTEN Fingerprint update_block(StepKind kind, const
   return update_kind<StepKind::kNoise>(a, x, g, n, first);
 }
 
-// Runs body(block index, block, span) for every block in parallel.
+// Runs body(block index, block, span) for every block, in parallel. NOTE: blocks are handed out one at
+// a time from a shared counter instead of in fixed contiguous ranges: on the shared 2-core dev box a
+// thread often loses its core for milliseconds, and with static ranges the other thread then waits
+// (measured: the 2-thread step's wall time varied 2x under load with static ranges). Each block writes
+// only its own partial sums, reduced in block order afterwards, so results do not depend on which
+// thread ran which block.
 template <class Body>
 void for_blocks(const std::vector<ParamSpan>& spans, const std::vector<Block>& blocks, Body body) {
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), grain_for(blocks), [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) body(b, blocks[b], spans[blocks[b].span]);
+  const int64_t nblocks = static_cast<int64_t>(blocks.size());
+  if (run_serially(blocks) || at::get_num_threads() < 2 || at::in_parallel_region()) {
+    for (int64_t b = 0; b < nblocks; ++b) body(b, blocks[b], spans[blocks[b].span]);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), nblocks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next.fetch_add(1, std::memory_order_relaxed); b < nblocks;
+         b = next.fetch_add(1, std::memory_order_relaxed)) {
+      body(b, blocks[b], spans[blocks[b].span]);
+    }
   });
 }
 

@@ -80,6 +80,7 @@ struct StepArgs {
   float lr = 0.f, factor = 1.f, wd = 0.f;  // float32 scalars of kGradClip / kModelClip
   double lr_d = 0.0, wd_d = 0.0, ebs = 1.0;  // double scalars of kDpsgd
   double sigma = 0.0;                        // noise scale (no noise at 0)
+  ReleaseGrid grid{};                        // release grid near 0 of the written values' noise scale
   NoiseKey key{};
   bool want_fp = false;  // accumulate the fingerprint of the written values
   FpKey fp{};

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .rng import MASK32, STREAM_UPDATE, gaussian_noise, noisy
+from .rng import MASK32, STREAM_UPDATE, gaussian_noise, noisy, snap
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,6 +266,9 @@ def dpsgd_step_(
 
         g = (sum_i clip(g_i, C) + noise_multiplier * C * noise(key, step)) / expected_batch_size
         x <- round(x - lr * (g + weight_decay * x))
+
+    rounded on the release grid of noise scale ``lr * noise_multiplier * C / expected_batch_size`` near 0
+    (``rng.snap``).
     """
     std = noise_multiplier * max_grad_norm
     offset = 0
@@ -275,5 +278,6 @@ def dpsgd_step_(
             noisy_sum = noisy_sum + std * gaussian_noise(p.numel(), key=key, step=step, offset=offset,
                                                          device=p.device).view_as(p)
         x = p.double()
-        p.copy_((x - lr * (noisy_sum / expected_batch_size + weight_decay * x)).to(p.dtype))
+        p.copy_(snap(x - lr * (noisy_sum / expected_batch_size + weight_decay * x),
+                     lr * std / expected_batch_size, p.dtype))
         offset += p.numel()

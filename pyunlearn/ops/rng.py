@@ -260,9 +260,43 @@ def gaussian_noise(
     return z[start:start + numel].contiguous()
 
 
+#: 1.5 * 2^52: (v + M) - M rounds |v| < 2^51 to the nearest integer (ties to even) in float64.
+_ROUND_MAGIC = 6755399441055744.0
+
+
+def release_grid(scale: float, dtype: torch.dtype) -> tuple[float, float]:
+    """``(h, region)`` of a noisy release with noise scale ``scale > 0``: values with ``|v| < region`` are
+    released on the grid ``h Z``, the others as ``dtype`` values. With E = floor(log2 scale):
+
+        float32: h = 2^(E - 30), region = 2^23 h       float64: h = 2^(E - 40), region = 2^52 h
+
+    so the release cells never get finer than ``h`` (the dtype's own spacing at ``region``).
+
+    Why: ``centre + sigma z`` is formed in float64, on the grid of float64 spacings of values up to
+    ~16 sigma (< 2^-48 sigma). Near 0 (centre and noise cancelling) the float32 spacing becomes finer than
+    that grid, so without the snap the releases there would have sparse support, which an adversary
+    who knows both worlds' centres could test. ``h`` is 2^17 (float32) resp. 2^8 (float64) times that
+    grid, and it depends only on the public noise scale, so the snap is post-processing."""
+    _, e = math.frexp(scale)  # scale = m 2^e, m in [0.5, 1)
+    exponent = e - 1
+    if dtype == torch.float64:
+        return math.ldexp(1.0, exponent - 40), math.ldexp(1.0, exponent + 12)
+    return math.ldexp(1.0, exponent - 30), math.ldexp(1.0, exponent - 7)
+
+
+def snap(v: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """The release of the float64 values ``v`` (noise scale ``scale``) as ``dtype``: see ``release_grid``."""
+    if scale == 0.0:
+        return v.to(dtype)
+    h, region = release_grid(scale, dtype)
+    on_grid = ((v * (1.0 / h) + _ROUND_MAGIC) - _ROUND_MAGIC) * h
+    return torch.where(v.abs() < region, on_grid, v).to(dtype)
+
+
 def noisy(centre: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``round(centre + sigma * noise)`` formed in float64 and rounded once to ``centre.dtype``."""
-    return (centre.double() + float(sigma) * noise.double()).to(centre.dtype)
+    """``round(centre + sigma * noise)``: formed in float64, rounded once to ``centre.dtype`` (on the
+    release grid near 0, ``snap``)."""
+    return snap(centre.double() + float(sigma) * noise.double(), float(sigma), centre.dtype)
 
 
 # --------------------------------------------------------------------------------------------------

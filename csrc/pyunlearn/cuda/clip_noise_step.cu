@@ -67,12 +67,14 @@ struct Row {
 struct StepArgs {
   float lr = 0.f, wd = 0.f, max_norm = 0.f;
   double sigma = 0.0;
+  ReleaseGrid grid{};  // of the noise scale sigma (snap near 0)
   NoiseKey key{};
   uint32_t fk0 = 0, fk1 = 0;
 };
 
 struct DpsgdArgs {
   double lr = 0.0, std = 0.0, ebs = 1.0, wd = 0.0;
+  ReleaseGrid grid{};  // of the noise scale lr * std / ebs (snap near 0)
   NoiseKey key{};
 };
 
@@ -278,7 +280,7 @@ __global__ void __launch_bounds__(kThreads) pass2_kernel(const Row* rows, StepAr
       } else {
         c = x[l] - a.lr * (g[l] * f + a.wd * x[l]);
       }
-      if constexpr (kNoisy) c = static_cast<float>(static_cast<double>(c) + a.sigma * z[l]);
+      if constexpr (kNoisy) c = release32(static_cast<double>(c) + a.sigma * z[l], a.grid);
       x[l] = c;
     }
     store_quad(r.x, i0, r.n, x);
@@ -308,14 +310,15 @@ __global__ void __launch_bounds__(kThreads) dpsgd_kernel(const Row* rows, DpsgdA
       double nd = static_cast<double>(g[l]);
       if constexpr (kNoisy) nd = nd + a.std * z[l];
       const double xd = static_cast<double>(x[l]);
-      x[l] = static_cast<float>(xd - a.lr * (nd / a.ebs + a.wd * xd));
+      x[l] = release32(xd - a.lr * (nd / a.ebs + a.wd * xd), a.grid);
     }
     store_quad(r.x, i0, r.n, x);
   }
 }
 
 // x <- round(x + sigma z) (float64 sum, one rounding).
-__global__ void __launch_bounds__(kThreads) add_noise_kernel(const Row* rows, double sigma, NoiseKey key) {
+__global__ void __launch_bounds__(kThreads) add_noise_kernel(const Row* rows, double sigma, ReleaseGrid grid,
+                                                              NoiseKey key) {
   const Row r = rows[blockIdx.x];
   for (int qi = threadIdx.x; qi < kQuadsPerBlock; qi += kThreads) {
     const int64_t i0 = r.g0 + 4 * qi - r.first;
@@ -324,7 +327,7 @@ __global__ void __launch_bounds__(kThreads) add_noise_kernel(const Row* rows, do
     double z[4];
     normals_of_block(key, static_cast<uint64_t>(r.g0 >> 2) + static_cast<uint64_t>(qi), z);
 #pragma unroll
-    for (int l = 0; l < 4; ++l) x[l] = static_cast<float>(static_cast<double>(x[l]) + sigma * z[l]);
+    for (int l = 0; l < 4; ++l) x[l] = release32(static_cast<double>(x[l]) + sigma * z[l], grid);
     store_quad(r.x, i0, r.n, x);
   }
 }
@@ -543,6 +546,7 @@ at::Tensor clipping_step(const std::vector<at::Tensor>& params, const std::vecto
   a.wd = static_cast<float>(weight_decay);
   a.max_norm = static_cast<float>(max_norm);
   a.sigma = sigma;
+  a.grid = release_grid(sigma);
   a.key = noise_key(key, step, 0 /* STREAM_UPDATE */, what);
   set_fp_key(a, fp_key, what);
   const Expected e = expected_of(expected_fp, what);
@@ -585,6 +589,7 @@ void dpsgd_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   a.std = noise_std;
   a.ebs = expected_batch_size;
   a.wd = weight_decay;
+  a.grid = release_grid(noise_std > 0.0 ? lr * noise_std / expected_batch_size : 0.0);
   a.key = noise_key(key, step, 0 /* STREAM_UPDATE */, "dpsgd_step_");
   const Plan plan = make_plan(params, &grads, "dpsgd_step_");
   if (plan.blocks == 0) return;
@@ -604,7 +609,8 @@ void add_noise(const std::vector<at::Tensor>& params, double sigma, const std::v
   const c10::cuda::CUDAGuard guard(cuda_device(params, "add_noise_"));
   const Plan plan = make_plan(params, nullptr, "add_noise_");
   if (plan.blocks == 0) return;
-  add_noise_kernel<<<static_cast<unsigned>(plan.blocks), kThreads, 0, current_stream()>>>(rows_of(plan), sigma, k);
+  add_noise_kernel<<<static_cast<unsigned>(plan.blocks), kThreads, 0, current_stream()>>>(rows_of(plan), sigma,
+                                                                                         release_grid(sigma), k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
