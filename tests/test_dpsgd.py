@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from pyunlearn.ops import gaussian_noise
-from pyunlearn.ops.rng import key_from_seed
+from pyunlearn.ops.rng import key_from_seed, snap
 from pyunlearn.optim.dpsgd import DPSGD, RDP_ORDERS, group_privacy
 from pyunlearn.per_sample import PerSampleGradients, clip_factor
 
@@ -134,7 +134,13 @@ def test_seeded_noise_is_the_counter_based_noise():
     key = key_from_seed(123, "dpsgd")
     z0 = gaussian_noise(1001, key=key, step=0)
     z1 = gaussian_noise(1001, key=key, step=1)
-    assert torch.equal(first, (-lr * sigma * c * z0 / ebs).float())  # float64, rounded once
+    std, scale = sigma * c, lr * (sigma * c) / ebs  # the release grid of this noise scale near 0 (rng.snap)
+
+    def release(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # x - lr (0 + std z) / ebs: float64, rounded once
+        return snap(x.double() - lr * ((0.0 + std * z) / ebs + 0.0 * x.double()), scale, torch.float32)
+
+    assert torch.equal(first, release(torch.zeros(1001), z0))
+    assert torch.equal(second, release(first, z1))
     torch.testing.assert_close(second, (-lr * sigma * c * (z0 + z1) / ebs).float())
     assert opt.reproducible and opt.seed == 123
     again, _ = noise_only_step(1001, seed=123, sigma=sigma, c=c, ebs=ebs, lr=lr, steps=2)
