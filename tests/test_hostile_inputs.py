@@ -327,7 +327,9 @@ def folder(tmp_path: Path, *, mask_missing: bool = False, csv_text: Optional[str
 
 # ------------------------------------------------------------------------------ other single cases
 def step_after_last_planned_step(tmp_path: Path) -> Case:
-    model, opt = after_one_step(gc, steps=1)  # the run is complete: a certificate exists
+    # The run is complete and a certificate exists (sigma = 1: a moderate epsilon, so the sampler's share
+    # of delta stays far below its 10% cap).
+    model, opt = after_one_step(gc, steps=1, sigma=1.0)
     return Case(opt.step, model, opt)
 
 
@@ -619,7 +621,8 @@ def all_forget_every_image_fine() -> SegmentationUnlearningData:
                          ids=["empty-forget-set", "every-pixel-forget-every-image-fine"])
 def test_edge_cases_that_are_valid_run_and_are_certified(data_fn):
     """Empty forget set: the retain set (and so the operator and its certificate) is well defined.
-    Every pixel forget on fine-labelled images: all pixels are retained, relabelled to background."""
+    Every pixel forget on fine-labelled images: all pixels are retained, relabelled to background.
+    sigma = 1 certifies a moderate epsilon; a tiny sigma is refused (next test)."""
     data = data_fn()
     assert data.retain.any()
     if data_fn is empty_forget_data:
@@ -628,9 +631,20 @@ def test_edge_cases_that_are_valid_run_and_are_certified(data_fn):
         assert data.forget.all() and (data.target == 0).all()
     model = tiny_model()
     before = snapshot_model(model)
-    out, record = unlearn.gradient_clipping(model, data, steps=2, finetune_steps=0, batch_size=2, sigma=0.01,
+    out, record = unlearn.gradient_clipping(model, data, steps=2, finetune_steps=0, batch_size=2, sigma=1.0,
                                             noise_seed=1)
     assert_same(snapshot_model(model), before, "input model")
     cert = record["certificate"]
-    assert cert is not None and math.isfinite(cert["epsilon"]) and cert["epsilon"] > 0
+    assert cert is not None and math.isfinite(cert["epsilon"]) and 0 < cert["epsilon"] < 20
     assert all(torch.isfinite(p).all() for p in out.parameters())
+
+
+def test_tiny_sigma_is_refused_for_the_samplers_share_of_delta():
+    """sigma = 0.01: epsilon is in the hundreds, so the sampler's share of delta, (1 + e^eps) T d 2^-62,
+    exceeds 10% of delta and the certificate is refused (the input model is left as it was)."""
+    model = tiny_model()
+    before = snapshot_model(model)
+    with pytest.raises(CertificateError, match=r"noise sampler.*more than 10% of delta"):
+        unlearn.gradient_clipping(model, empty_forget_data(), steps=2, finetune_steps=0, batch_size=2, sigma=0.01,
+                                  noise_seed=1)
+    assert_same(snapshot_model(model), before, "input model")
