@@ -4,8 +4,11 @@
 Ops: ``gradient_clipping_step_``, ``model_clipping_step_``, ``dpsgd_step_`` on a conv-net-like list of
 float32 parameters (default about 4.5M elements in 46 tensors; ``--quick``: about 195K). Providers:
 
-* ``reference``      the pure-PyTorch reference (``pyunlearn.ops.reference``, counter-based Philox noise);
+* ``reference``      the pure-PyTorch reference (``pyunlearn.ops.reference``, ChaCha20 noise);
 * ``cpp``            the fused C++ kernel through the public op (``PYUNLEARN_BACKEND=cpp``);
+* ``optimizer_step`` what users call: ``GradientClipping.step()`` / ``ModelClipping.step()`` on the same
+  parameters (validation, frozen hyper-parameters, fingerprint check and bookkeeping included), with the
+  fastest live backend;
 * ``cuda``           the CUDA C++ kernel (GPU, when built);
 * ``triton``         the Triton kernel (GPU);
 * ``torch_unfused``  the natural PyTorch sequence: per-tensor norms, clip, update, ``torch.randn_like``
@@ -15,7 +18,11 @@ float32 parameters (default about 4.5M elements in 46 tensors; ``--quick``: abou
 Timing rounds are interleaved across providers. Reported: median and IQR (ms), the minimal bytes the
 op must move (gradient clipping 16 B/param: read g, then read x, g and write x; model clipping 20 B:
 the update pass writes y, the projection pass reads and writes it; DP-SGD 12 B), the achieved GB/s
-and its fraction of the measured device-to-device copy bandwidth, and the speed-up over the reference. Results: ``benchmarks/results/bench_clip_noise_step-*``.
+and its fraction of the measured device-to-device copy bandwidth, the speed-up over the reference, and
+``vs_op`` (a provider's time over the fastest compiled op's: ``optimizer_step`` should be close to 1) and
+``vs_foreach`` (the ``torch_foreach`` time over the provider's: > 1 is faster than the PyTorch sequence).
+A ``noise`` row times ``ops.gaussian_noise`` alone (float64 normals; GB/s of 8-byte outputs).
+Results: ``benchmarks/results/bench_clip_noise_step-*``.
 
     python benchmarks/bench_clip_noise_step.py [--quick] [--threads N]
 """
@@ -30,9 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import pyunlearn.ops as ops  # noqa: E402
+from pyunlearn import optim  # noqa: E402
 from pyunlearn.ops import reference as ref  # noqa: E402
+from pyunlearn.ops import rng  # noqa: E402
 
 LR, WD, CLIP, SIGMA, SEED = 0.01, 1e-4, 1.0, 1e-3, 1234
+KEY, FP_KEY = rng.key_from_seed(SEED, "bench"), [12345, 67890]
 NOISE_MULTIPLIER, EXPECTED_BATCH = 1.1, 64.0
 BYTES_PER_PARAM = {"gradient_clipping_step_": 16, "model_clipping_step_": 20, "dpsgd_step_": 12}
 
@@ -100,11 +110,32 @@ def torch_providers(op: str, ps: list[torch.Tensor], gs: list[torch.Tensor]) -> 
 
 def op_kwargs(op: str, step: int) -> dict:
     if op == "gradient_clipping_step_":
-        return dict(lr=LR, max_grad_norm=CLIP, weight_decay=WD, sigma=SIGMA, seed=SEED, step=step)
+        return dict(lr=LR, max_grad_norm=CLIP, weight_decay=WD, sigma=SIGMA, key=KEY, step=step, fp_key=FP_KEY)
     if op == "model_clipping_step_":
-        return dict(lr=LR, max_model_norm=CLIP * 100, weight_decay=WD, sigma=SIGMA, seed=SEED, step=step)
+        return dict(lr=LR, max_model_norm=CLIP * 100, weight_decay=WD, sigma=SIGMA, key=KEY, step=step,
+                    fp_key=FP_KEY)
     return dict(lr=LR, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=CLIP, expected_batch_size=EXPECTED_BATCH,
-                weight_decay=WD, seed=SEED, step=step)
+                weight_decay=WD, key=KEY, step=step)
+
+
+def optimizer_provider(op: str, ps: list[torch.Tensor], gs: list[torch.Tensor], steps: int):
+    """``step()`` of the certified optimizer over ``ps`` with gradients ``gs`` (None for DP-SGD, whose step
+    needs per-sample gradients: see bench_dpsgd_step.py)."""
+    params = [torch.nn.Parameter(p) for p in ps]
+    if op == "gradient_clipping_step_":
+        opt = optim.GradientClipping(params, lr=LR, c0=1e9, c1=CLIP, weight_decay=WD, sigma=SIGMA, delta=1e-5,
+                                     steps=steps, seed=SEED)
+    elif op == "model_clipping_step_":
+        opt = optim.ModelClipping(params, lr=LR, c2=CLIP * 100, c0=1e9, weight_decay=WD, sigma=SIGMA, delta=1e-5,
+                                  steps=steps, seed=SEED)
+    else:
+        return None
+
+    def step():
+        for p, g in zip(params, gs):
+            p.grad = g
+        opt.step()
+    return step
 
 
 def main() -> None:
@@ -130,23 +161,37 @@ def main() -> None:
         providers["reference"] = lambda: getattr(ref, op)(ref_ps, grads, **op_kwargs(op, 0))
         for backend in _common.kernel_backends(device):
             providers[backend] = _common.forced(backend, public(backend))
+        step_fn = optimizer_provider(op, [p.clone() for p in base], grads, steps=10 * (repeats + 10))
+        if step_fn is not None:
+            providers["optimizer_step"] = step_fn
         torch_ps = [p.clone() for p in base]
         for name, fn in torch_providers(op, torch_ps, grads).items():
             providers[name] = fn
         times = _common.time_interleaved(providers, device=device, repeats=repeats)
-        ref_median = _common.summarize(times["reference"])["median_ms"]
+        medians = {name: _common.summarize(seconds)["median_ms"] for name, seconds in times.items()}
+        compiled = [medians[b] for b in _common.kernel_backends(device) if b in medians]
+        fastest_op = min(compiled) if compiled else medians["reference"]
         for name, seconds in times.items():
             s = _common.summarize(seconds)
             nbytes = BYTES_PER_PARAM[op] * numel
             rows.append({"op": op, "provider": name, "params": numel, "tensors": len(shapes), **s,
                          "bytes": nbytes, "gb_per_s": nbytes / (s["median_ms"] * 1e-3) / 1e9,
                          "fraction_of_copy_bw": nbytes / (s["median_ms"] * 1e-3) / 1e9 / copy_gbps,
-                         "speedup_vs_reference": ref_median / s["median_ms"]})
+                         "speedup_vs_reference": medians["reference"] / s["median_ms"],
+                         "vs_op": s["median_ms"] / fastest_op,
+                         "vs_foreach": medians["torch_foreach"] / s["median_ms"]})
+    noise_times = _common.time_interleaved(
+        {"noise": lambda: ops.gaussian_noise(numel, key=KEY, step=0, device=device)}, device=device,
+        repeats=repeats)
+    s = _common.summarize(noise_times["noise"])
+    rows.append({"op": "gaussian_noise", "provider": "noise", "params": numel, "tensors": 1, **s,
+                 "bytes": 8 * numel, "gb_per_s": 8 * numel / (s["median_ms"] * 1e-3) / 1e9,
+                 "normals_per_s": numel / (s["median_ms"] * 1e-3)})
     meta = {"environment": _common.environment(device), "quick": args.quick, "repeats": repeats,
             "copy_gb_per_s": copy_gbps, "hyperparameters": dict(lr=LR, weight_decay=WD, clip=CLIP, sigma=SIGMA,
                                     noise_multiplier=NOISE_MULTIPLIER, expected_batch_size=EXPECTED_BATCH)}
     _common.print_table(rows, ["op", "provider", "params", "median_ms", "iqr_ms", "gb_per_s",
-                               "fraction_of_copy_bw", "speedup_vs_reference"])
+                               "fraction_of_copy_bw", "speedup_vs_reference", "vs_op", "vs_foreach"])
     if not args.no_save:
         paths = _common.write_results("bench_clip_noise_step", device, rows, meta, threads=args.threads)
         print("wrote", *paths)
