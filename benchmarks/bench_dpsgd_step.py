@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--no-save", action="store_true", help="print only, write no result files")
     args = ap.parse_args(argv)
 
     import torch
@@ -309,18 +310,19 @@ def main(argv: list[str] | None = None) -> dict:
         min_speedup_pyunlearn_vs_opacus=min_speedup,
         target="DP-SGD decoder step >= 1.5x faster than Opacus (CPU, 2 cores)",
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         tag += f"-t{args.threads}"
     stem = args.out / f"bench_dpsgd_step-{tag}-{today}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        meta = dict(date=today, device=device_name, torch=torch.__version__, opacus=opacus_version,
-                    threads=report["threads"], quick=args.quick)
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(meta))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, **meta})
+    if not args.no_save:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        with open(stem.with_suffix(".csv"), "w", newline="") as f:
+            meta = dict(date=today, device=device_name, torch=torch.__version__, opacus=opacus_version,
+                        threads=report["threads"], quick=args.quick)
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(meta))
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({**r, **meta})
 
     print(f"{device_name}; torch {torch.__version__}, opacus {opacus_version}, threads {report['threads']}")
     print(f"{'provider':<12}{'median ms':>11}{'IQR ms':>9}{'x nonpriv':>11}{'min ms':>9}{'min x':>7}"
@@ -337,7 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     if speedup:
         print(f"pyunlearn vs opacus: {speedup:.2f}x (median wall), {min_speedup:.2f}x (min wall), "
               f"{cpu_speedup:.2f}x (median CPU time); target >= 1.5x")
-    print(f"wrote {stem}.json and .csv")
+    if not args.no_save:
+        print(f"wrote {stem}.json and .csv")
     return report
 
 
