@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,7 +32,7 @@ from .. import certify, ops
 from .._validation import count, positive
 from ..checkpoint import (CheckpointError, RunLock, checkpoint_key, data_identity, load_checkpoint, model_identity,
                           remove_checkpoint, save_checkpoint)
-from ..losses import masked_cross_entropy
+from ..losses import LossFn, get_loss, masked_cross_entropy
 from ..optim import GradientClipping, ModelClipping
 from ..optim._certified import noise_key, project_
 from ..ops.rng import STREAM_INIT
@@ -165,6 +166,45 @@ def _retain_indices(data: SegmentationUnlearningData, mask: torch.Tensor, method
 
 def _retain_loss(logits, data, index):
     return masked_cross_entropy(logits, data.target[index], data.retain[index])
+
+
+def _callable_name(fn) -> str:
+    """The qualified name of a loss callable (``module.qualname``; a :func:`functools.partial` with its
+    arguments), as it goes into a record's hyper-parameters and a checkpoint's identity."""
+    if isinstance(fn, functools.partial):
+        args = [_callable_name(fn.func), *map(repr, fn.args), *(f"{k}={v!r}" for k, v in fn.keywords.items())]
+        return f"functools.partial({', '.join(args)})"
+    qual = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return f"{module}.{qual}" if module else qual
+
+
+def _resolve_loss(loss) -> tuple[LossFn, str]:
+    """``(function, name)`` of an operator's ``loss=``: a name known to :func:`pyunlearn.losses.get_loss` or a
+    callable with its convention. Raises (ValueError for an unknown name, TypeError for a bad callable) before
+    an operator does any work. ``"ce"`` is :func:`masked_cross_entropy` itself, the fused path."""
+    fn = get_loss(loss)
+    return fn, (loss if isinstance(loss, str) else _callable_name(loss))
+
+
+def _pixel_loss(loss: LossFn, logits, target, mask):
+    """``loss(logits, target, mask, reduction="mean")``, refused unless a 0-dim tensor (what backward needs)."""
+    value = loss(logits, target, mask, reduction="mean")
+    if not isinstance(value, torch.Tensor) or value.dim() != 0:
+        got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"loss {_callable_name(loss)!r} must return a scalar (0-dim) tensor for reduction='mean', "
+                         f"got {got}")
+    return value
+
+
+def _retain_loss_of(loss: LossFn):
+    """The loss on the retain pixels of a batch, ``loss(logits, target, retain)`` (per-sample means, averaged)."""
+    if loss is masked_cross_entropy:
+        return _retain_loss
+
+    def fn(logits, data, index):
+        return _pixel_loss(loss, logits, data.target[index], data.retain[index])
+    return fn
 
 
 class _Checkpoints:
@@ -339,59 +379,72 @@ def _adam(model: nn.Module, lr: float, name: str = "lr") -> torch.optim.Optimize
 def train_segmenter(model: nn.Module, data: SegmentationUnlearningData, *, target: str = "retain",
                     steps: int = 400, lr: float = 1e-2, batch_size: int = 32, seed: int = 0,
                     inplace: bool = True, progress: bool = False, method: str = "train", checkpoint=None,
-                    checkpoint_every: int = 50, keep_checkpoints: bool = False) -> tuple[nn.Module, dict]:
+                    checkpoint_every: int = 50, keep_checkpoints: bool = False,
+                    loss="ce") -> tuple[nn.Module, dict]:
     """Supervised training of the trainable parameters on all pixels with labels ``data.target``
-    (``target="all"``) or on the retain pixels only (``target="retain"``). Resumable like the operators."""
+    (``target="all"``) or on the retain pixels only (``target="retain"``). Resumable like the operators.
+
+    ``loss``: a name (``"ce"``, the default and the fused cross-entropy; ``"dice"``, ``"dice_ce"``,
+    ``"focal"``) or a callable with the convention of :func:`pyunlearn.losses.masked_cross_entropy`
+    (see :func:`pyunlearn.losses.get_loss`); checked before any work, recorded in the hyper-parameters (a
+    callable by its qualified name) and in the checkpoint's identity. Same for every operator."""
     t0 = time.perf_counter()
-    model = _start(model, inplace)
-    ck = _checkpoints(checkpoint, checkpoint_every, method=method, model=model, data=data,
-                      hyper=dict(target=target, steps=steps, lr=lr, batch_size=batch_size, seed=seed),
-                      keep=keep_checkpoints)
+    loss_f, loss_name = _resolve_loss(loss)
     if target == "all":
         everything = torch.ones_like(data.retain)
 
         def loss_fn(logits, d, index):
-            return masked_cross_entropy(logits, d.target[index], everything[index])
+            return _pixel_loss(loss_f, logits, d.target[index], everything[index])
     elif target == "retain":
-        loss_fn = _retain_loss
+        loss_fn = _retain_loss_of(loss_f)
     else:
         raise ValueError(f"target must be 'all' or 'retain', got {target!r}")
+    model = _start(model, inplace)
+    ck = _checkpoints(checkpoint, checkpoint_every, method=method, model=model, data=data,
+                      hyper=dict(target=target, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                                 loss=loss_name),
+                      keep=keep_checkpoints)
     with ck:
         record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method=method,
                       loss_fn=loss_fn, index_mask=torch.ones_like(data.retain) if target == "all" else None,
                       progress=progress, checkpoints=ck)
-    return model, _finish(record, method, t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    return model, _finish(record, method, t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                          loss=loss_name)
 
 
 def finetune(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 300, lr: float = 5e-3,
              batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
              inplace: bool = False, progress: bool = False, checkpoint=None,
-             checkpoint_every: int = 50, keep_checkpoints: bool = False) -> tuple[nn.Module, dict]:
-    """Plain fine-tuning (Adam) on the retain pixels. Not certified.
+             checkpoint_every: int = 50, keep_checkpoints: bool = False, loss="ce") -> tuple[nn.Module, dict]:
+    """Plain fine-tuning (Adam) on the retain pixels. Not certified. ``loss``: see :func:`train_segmenter`.
 
     ``checkpoint``: a file path; the run saves there every ``checkpoint_every`` steps and, when the
     file exists, resumes from it (refusing one written by a different run, or one that fails
     authentication). Two runs cannot use one file at a time (a lock). The file is deleted when the run
     succeeds unless ``keep_checkpoints=True``. Same for every operator."""
     t0 = time.perf_counter()
+    loss_f, loss_name = _resolve_loss(loss)
     model = _start(model, inplace)
-    hyper = dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    hyper = dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed, loss=loss_name)
     ck = _checkpoints(checkpoint, checkpoint_every, method="finetune", model=model, data=data, hyper=hyper,
                       keep=keep_checkpoints)
     with ck:
         record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="finetune",
-                      eval_fn=eval_fn, eval_every=eval_every, progress=progress, checkpoints=ck)
-    return model, _finish(record, "finetune", t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+                      loss_fn=_retain_loss_of(loss_f), eval_fn=eval_fn, eval_every=eval_every, progress=progress,
+                      checkpoints=ck)
+    return model, _finish(record, "finetune", t0, **hyper)
 
 
 def retrain(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 600, lr: float = 1e-2,
             batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
             inplace: bool = False, progress: bool = False, checkpoint=None,
-            checkpoint_every: int = 50, keep_checkpoints: bool = False) -> tuple[nn.Module, dict]:
-    """Exact-unlearning reference: re-initialise the trainable parameters and train on retain pixels only."""
+            checkpoint_every: int = 50, keep_checkpoints: bool = False, loss="ce") -> tuple[nn.Module, dict]:
+    """Exact-unlearning reference: re-initialise the trainable parameters and train on retain pixels only.
+    ``loss``: see :func:`train_segmenter`."""
     t0 = time.perf_counter()
+    loss_f, loss_name = _resolve_loss(loss)
     model = _start(model, inplace)
-    hyper = dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    hyper = dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed, loss=loss_name)
     ck = _checkpoints(checkpoint, checkpoint_every, method="retrain", model=model, data=data, hyper=hyper,
                       keep=keep_checkpoints)
     if hasattr(model, "reset_decoder") and getattr(model, "encoder_frozen", False):
@@ -404,56 +457,62 @@ def retrain(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 
                     m.reset_parameters()
     with ck:
         record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="retrain",
-                      eval_fn=eval_fn, eval_every=eval_every, progress=progress, checkpoints=ck)
-    return model, _finish(record, "retrain", t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+                      loss_fn=_retain_loss_of(loss_f), eval_fn=eval_fn, eval_every=eval_every, progress=progress,
+                      checkpoints=ck)
+    return model, _finish(record, "retrain", t0, **hyper)
 
 
 def relabel(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 300, lr: float = 5e-3,
             batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
             inplace: bool = False, progress: bool = False, checkpoint=None,
-            checkpoint_every: int = 50, keep_checkpoints: bool = False) -> tuple[nn.Module, dict]:
+            checkpoint_every: int = 50, keep_checkpoints: bool = False, loss="ce") -> tuple[nn.Module, dict]:
     """The isomorphism used directly: fine-tune on all pixels with the known forget pixels relabelled to
-    background (coarse labels elsewhere). Not certified: the coarse insides of coarse-only images stay."""
+    background (coarse labels elsewhere). Not certified: the coarse insides of coarse-only images stay.
+    ``loss``: see :func:`train_segmenter`."""
     t0 = time.perf_counter()
+    loss_f, loss_name = _resolve_loss(loss)
     model = _start(model, inplace)
     everything = torch.ones_like(data.retain)
     relabelled = data.relabelled_target
 
     def loss_fn(logits, d, index):
-        return masked_cross_entropy(logits, relabelled[index], everything[index])
+        return _pixel_loss(loss_f, logits, relabelled[index], everything[index])
 
-    ck = _checkpoints(checkpoint, checkpoint_every, method="relabel", model=model, data=data,
-                      hyper=dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed), keep=keep_checkpoints)
+    hyper = dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed, loss=loss_name)
+    ck = _checkpoints(checkpoint, checkpoint_every, method="relabel", model=model, data=data, hyper=hyper,
+                      keep=keep_checkpoints)
     with ck:
         record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="relabel",
                       loss_fn=loss_fn, index_mask=everything, eval_fn=eval_fn, eval_every=eval_every,
                       progress=progress, checkpoints=ck)
-    return model, _finish(record, "relabel", t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    return model, _finish(record, "relabel", t0, **hyper)
 
 
 def neggrad_seg(model: nn.Module, data: SegmentationUnlearningData, *, beta: float = 0.9, steps: int = 300,
                 lr: float = 5e-3, batch_size: int = 32, seed: int = 0, eval_fn: Optional[EvalFn] = None,
                 eval_every: int = 0, inplace: bool = False, progress: bool = False, checkpoint=None,
-                checkpoint_every: int = 50, keep_checkpoints: bool = False) -> tuple[nn.Module, dict]:
-    """Per-pixel NegGrad+: ``beta * L(D_r) - (1 - beta) * L(D_f, coarse labels)``. Not certified."""
+                checkpoint_every: int = 50, keep_checkpoints: bool = False, loss="ce") -> tuple[nn.Module, dict]:
+    """Per-pixel NegGrad+: ``beta * L(D_r) - (1 - beta) * L(D_f, coarse labels)``, both terms with ``loss``
+    (see :func:`train_segmenter`). Not certified."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
     t0 = time.perf_counter()
+    loss_f, loss_name = _resolve_loss(loss)
     model = _start(model, inplace)
 
     def loss_fn(logits, d, index):
-        keep = masked_cross_entropy(logits, d.target[index], d.retain[index])
-        forget = masked_cross_entropy(logits, d.coarse[index], d.forget[index])
+        keep = _pixel_loss(loss_f, logits, d.target[index], d.retain[index])
+        forget = _pixel_loss(loss_f, logits, d.coarse[index], d.forget[index])
         return beta * keep - (1.0 - beta) * forget
 
-    ck = _checkpoints(checkpoint, checkpoint_every, method="neggrad_seg", model=model, data=data,
-                      hyper=dict(beta=beta, steps=steps, lr=lr, batch_size=batch_size, seed=seed),
+    hyper = dict(beta=beta, steps=steps, lr=lr, batch_size=batch_size, seed=seed, loss=loss_name)
+    ck = _checkpoints(checkpoint, checkpoint_every, method="neggrad_seg", model=model, data=data, hyper=hyper,
                       keep=keep_checkpoints)
     with ck:
         record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed,
                       method="neggrad_seg", loss_fn=loss_fn, eval_fn=eval_fn, eval_every=eval_every, progress=progress,
                       checkpoints=ck)
-    return model, _finish(record, "neggrad_seg", t0, beta=beta, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    return model, _finish(record, "neggrad_seg", t0, **hyper)
 
 
 def _certified_identity_noise(noise_seed: Optional[int]):
@@ -461,7 +520,8 @@ def _certified_identity_noise(noise_seed: Optional[int]):
 
 
 def _precheck(model: nn.Module, data: SegmentationUnlearningData, *, method: str, batch_size, seed, noise_seed,
-              finetune_steps, finetune_lr, eval_fn, eval_every, steps=None) -> _Inputs:
+              finetune_steps, finetune_lr, eval_fn, eval_every, steps=None,
+              loss: LossFn = masked_cross_entropy) -> _Inputs:
     """Everything a certified run can check before it touches the model: argument types and ranges, retain-only
     data with a non-empty retain set, no floating-point buffers, and one forward pass showing the model takes
     the data. The optimizer's constructor, which projects (and for model clipping perturbs) the parameters,
@@ -483,25 +543,34 @@ def _precheck(model: nn.Module, data: SegmentationUnlearningData, *, method: str
     if world > min(batch_size, pool.numel()):
         raise ValueError(f"{method}: batch_size {min(batch_size, pool.numel())} is smaller than the {world} ranks")
     inputs = _Inputs(model, data.images)
-    _probe(model, inputs, data, method)
+    _probe(model, inputs, data, method, loss)
     return inputs
 
 
-def _probe(model: nn.Module, inputs: _Inputs, data: SegmentationUnlearningData, method: str) -> None:
+def _probe(model: nn.Module, inputs: _Inputs, data: SegmentationUnlearningData, method: str,
+           loss: LossFn = masked_cross_entropy) -> None:
     """One forward pass on one image, without gradients and in eval mode (so no running statistics move;
-    the modes are restored): a model that does not take the data fails here."""
+    the modes are restored): a model that does not take the data, or a loss that does not take its logits
+    (or does not give a scalar), fails here."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
+    index = torch.zeros(1, dtype=torch.long, device=data.images.device)
     try:
         with torch.no_grad():
-            logits = inputs.logits(torch.zeros(1, dtype=torch.long, device=data.images.device))
+            logits = inputs.logits(index)
     finally:
         for m, mode in modes.items():
             m.training = mode
-    h, w = data.target.shape[-2:]
-    if logits.dim() != 4 or tuple(logits.shape[-2:]) != (h, w):
+    spatial = tuple(data.target.shape[1:])
+    if logits.dim() != 2 + len(spatial) or tuple(logits.shape[2:]) != spatial:
+        expected = ", ".join(map(str, spatial))
         raise ValueError(f"{method}: the model maps data.images to logits of shape {tuple(logits.shape)}; expected "
-                         f"(B, K, {h}, {w}) to match data.target")
+                         f"(B, K, {expected}) to match data.target")
+    try:
+        with torch.no_grad():
+            _pixel_loss(loss, logits, data.target[index], data.retain[index])
+    except ValueError as exc:
+        raise ValueError(f"{method}: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -529,7 +598,7 @@ def _not_covered_diagnostics(steps: int) -> str:
 
 def _certified_run(model, data, optimizer_cls, optimizer_kwargs, *, method, noise_seed, steps, batch_size, seed,
                    finetune_steps, finetune_lr, eval_fn, eval_every, progress, checkpoint, checkpoint_every,
-                   diagnostics, keep_checkpoints):
+                   diagnostics, keep_checkpoints, loss="ce"):
     """Noisy certified phase on retain data, then optional noise-free fine-tuning on retain data
     (post-processing: the guarantee is unchanged). Resumable in either phase.
 
@@ -539,13 +608,15 @@ def _certified_run(model, data, optimizer_cls, optimizer_kwargs, *, method, nois
     ``diagnostics=True``, under ``record['diagnostics']``, and the certificate then says it does not cover
     them. On resume the certificate is recomputed by the optimizer from its restored state, never read."""
     t0 = time.perf_counter()
+    loss_f, loss_name = _resolve_loss(loss)
     inputs = _precheck(model, data, method=method, steps=steps, batch_size=batch_size, seed=seed,
                        noise_seed=noise_seed, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-                       eval_fn=eval_fn, eval_every=eval_every)
+                       eval_fn=eval_fn, eval_every=eval_every, loss=loss_f)
+    retain_loss = _retain_loss_of(loss_f)
     diagnostics = bool(diagnostics)
     named = _trainable(model)
     hyper = dict(optimizer_kwargs, steps=steps, batch_size=batch_size, seed=seed, finetune_steps=finetune_steps,
-                 finetune_lr=finetune_lr, eval_every=eval_every, diagnostics=diagnostics)
+                 finetune_lr=finetune_lr, eval_every=eval_every, diagnostics=diagnostics, loss=loss_name)
     ck = _checkpoints(checkpoint, checkpoint_every, method=method, model=model, data=data, hyper=hyper,
                       noise=_certified_identity_noise(noise_seed), keep=keep_checkpoints)
     evaluating = eval_fn is not None and eval_every > 0
@@ -565,7 +636,7 @@ def _certified_run(model, data, optimizer_cls, optimizer_kwargs, *, method, nois
             if diagnostics and evaluating and ck.phase is None:
                 diag["trajectory"].append({"step": 0, **_evaluate(eval_fn, model)})
             _run(model, data, optimizer, steps=steps, batch_size=batch_size, seed=seed, method=method,
-                 inputs=inputs, eval_fn=eval_fn if diagnostics else None, eval_every=eval_every, progress=progress,
+                 loss_fn=retain_loss, inputs=inputs, eval_fn=eval_fn if diagnostics else None, eval_every=eval_every, progress=progress,
                  record=diag, checkpoints=ck, phase="noisy")
         certificate = optimizer.certificate()  # the run's own analysis, after a restore too
         if optimizer.seeded != (noise_seed is not None):  # pragma: no cover - the identity already binds it
@@ -582,7 +653,7 @@ def _certified_run(model, data, optimizer_cls, optimizer_kwargs, *, method, nois
         certified = {"params": {name: p.detach().clone() for name, p in named},
                      "optimizer": optimizer.state_dict()} if ck.path is not None else None
         _run(model, data, _adam(model, finetune_lr, "finetune_lr"), steps=finetune_steps, batch_size=batch_size,
-             seed=seed + 1, method=f"{method} (post-processing)", inputs=inputs, eval_fn=eval_fn,
+             seed=seed + 1, method=f"{method} (post-processing)", loss_fn=retain_loss, inputs=inputs, eval_fn=eval_fn,
              eval_every=eval_every, step_offset=steps, progress=progress, record=record, checkpoints=ck,
              phase="post", extra={"certified": certified})
         model.eval()
@@ -592,7 +663,7 @@ def _certified_run(model, data, optimizer_cls, optimizer_kwargs, *, method, nois
     hyper = {k: v for k, v in optimizer.hyper.items() if k not in ("params", "param_names")}
     return model, _finish(record, method, t0, **hyper, steps=steps, batch_size=batch_size, seed=seed,
                           noise_seed=noise_seed, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-                          diagnostics=diagnostics)
+                          diagnostics=diagnostics, loss=loss_name)
 
 
 def gradient_clipping(model: nn.Module, data: SegmentationUnlearningData, *, epsilon: float = 1.0,
@@ -601,7 +672,8 @@ def gradient_clipping(model: nn.Module, data: SegmentationUnlearningData, *, eps
                       finetune_lr: float = 5e-3, batch_size: int = 32, seed: int = 0,
                       noise_seed: Optional[int] = None, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
                       diagnostics: bool = False, inplace: bool = False, progress: bool = False, checkpoint=None,
-                      checkpoint_every: int = 50, keep_checkpoints: bool = False) -> tuple[nn.Module, dict]:
+                      checkpoint_every: int = 50, keep_checkpoints: bool = False,
+                      loss="ce") -> tuple[nn.Module, dict]:
     """Certified (epsilon, delta) unlearning by noisy clipped-gradient fine-tuning
     (:class:`~pyunlearn.optim.GradientClipping`), then noise-free fine-tuning on retain data.
 
@@ -610,7 +682,9 @@ def gradient_clipping(model: nn.Module, data: SegmentationUnlearningData, *, eps
     of the post-processing phase and at the end of the noisy phase (the certified model); with
     ``diagnostics=True`` also at step 0 and inside the noisy phase, recorded under ``record['diagnostics']``
     with the noisy losses, which the certificate then lists as not covered. ``checkpoint``: see
-    :func:`finetune`; the file is deleted when the run succeeds unless ``keep_checkpoints``."""
+    :func:`finetune`; the file is deleted when the run succeeds unless ``keep_checkpoints``. ``loss`` (see
+    :func:`train_segmenter`) is the loss of both phases: the clipping bounds each step's gradient whatever
+    the loss, so the certificate does not depend on it."""
     model = _start(model, inplace)
     kwargs = dict(lr=lr, c0=c0, c1=c1, delta=delta, weight_decay=weight_decay)
     kwargs.update(sigma=sigma) if sigma is not None else kwargs.update(epsilon=epsilon)
@@ -618,7 +692,7 @@ def gradient_clipping(model: nn.Module, data: SegmentationUnlearningData, *, eps
                           steps=steps, batch_size=batch_size, seed=seed, finetune_steps=finetune_steps,
                           finetune_lr=finetune_lr, eval_fn=eval_fn, eval_every=eval_every, progress=progress,
                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, diagnostics=diagnostics,
-                          keep_checkpoints=keep_checkpoints)
+                          keep_checkpoints=keep_checkpoints, loss=loss)
 
 
 def model_clipping(model: nn.Module, data: SegmentationUnlearningData, *, epsilon: float = 1.0,
@@ -628,10 +702,10 @@ def model_clipping(model: nn.Module, data: SegmentationUnlearningData, *, epsilo
                    batch_size: int = 32, seed: int = 0, noise_seed: Optional[int] = None,
                    eval_fn: Optional[EvalFn] = None, eval_every: int = 0, diagnostics: bool = False,
                    inplace: bool = False, progress: bool = False, checkpoint=None, checkpoint_every: int = 50,
-                   keep_checkpoints: bool = False) -> tuple[nn.Module, dict]:
+                   keep_checkpoints: bool = False, loss="ce") -> tuple[nn.Module, dict]:
     """Certified (epsilon, delta) unlearning by projected noisy gradient descent
     (:class:`~pyunlearn.optim.ModelClipping`), then noise-free fine-tuning on retain data. Records,
-    diagnostics and checkpoints as :func:`gradient_clipping`."""
+    diagnostics, checkpoints and ``loss`` as :func:`gradient_clipping`."""
     model = _start(model, inplace)
     kwargs = dict(lr=lr, c2=c2, c0=c0, sigma0=sigma0, delta=delta, weight_decay=weight_decay)
     kwargs.update(sigma=sigma) if sigma is not None else kwargs.update(epsilon=epsilon)
@@ -639,24 +713,26 @@ def model_clipping(model: nn.Module, data: SegmentationUnlearningData, *, epsilo
                           steps=steps, batch_size=batch_size, seed=seed, finetune_steps=finetune_steps,
                           finetune_lr=finetune_lr, eval_fn=eval_fn, eval_every=eval_every, progress=progress,
                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, diagnostics=diagnostics,
-                          keep_checkpoints=keep_checkpoints)
+                          keep_checkpoints=keep_checkpoints, loss=loss)
 
 
 def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, epsilon: float = 1.0,
                         delta: float = 1e-5, c0: float = 1.0, finetune_steps: int = 300, finetune_lr: float = 5e-3,
                         batch_size: int = 32, seed: int = 0, noise_seed: Optional[int] = None,
                         eval_fn: Optional[EvalFn] = None, eval_every: int = 0, inplace: bool = False,
-                        progress: bool = False) -> tuple[nn.Module, dict]:
+                        progress: bool = False, loss="ce") -> tuple[nn.Module, dict]:
     """Baseline: ``clip(x, c0) + N(0, sigma0^2 I)`` with sigma0 from
     :func:`~pyunlearn.certify.sigma_output_perturbation`, then noise-free fine-tuning on retain data.
 
     There is no uncertified phase: the step-0 evaluation is of the released noisy model, and every later
-    loss and evaluation of its post-processed descendants, so the whole record is covered."""
+    loss and evaluation of its post-processed descendants, so the whole record is covered. ``loss`` (see
+    :func:`train_segmenter`) is the post-processing loss."""
     t0 = time.perf_counter()
+    loss_f, loss_name = _resolve_loss(loss)
     model = _start(model, inplace)
     inputs = _precheck(model, data, method="output_perturbation", batch_size=batch_size, seed=seed,
                        noise_seed=noise_seed, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-                       eval_fn=eval_fn, eval_every=eval_every)
+                       eval_fn=eval_fn, eval_every=eval_every, loss=loss_f)
     named = _trainable(model)
     params = [p for _, p in named]
     # Already float32 (what the noise kernel adds exactly) and with the clip slack in its sensitivity; extreme
@@ -672,7 +748,8 @@ def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, e
         if eval_fn is not None and eval_every:
             record["trajectory"].append({"step": 0, **_evaluate(eval_fn, model)})
         _run(model, data, _adam(model, finetune_lr, "finetune_lr"), steps=finetune_steps, batch_size=batch_size,
-             seed=seed, method="output_perturbation (post-processing)", inputs=inputs, eval_fn=eval_fn,
+             seed=seed, method="output_perturbation (post-processing)", loss_fn=_retain_loss_of(loss_f), inputs=inputs,
+             eval_fn=eval_fn,
              eval_every=eval_every, progress=progress, record=record)
         model.eval()
     certificate = certify.Certificate(
@@ -687,4 +764,5 @@ def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, e
         seeded=seeded)
     record["certificate"] = certificate.to_dict()
     return model, _finish(record, "output_perturbation", t0, epsilon=epsilon, delta=delta, c0=c0, sigma0=sigma0,
-                          finetune_steps=finetune_steps, finetune_lr=finetune_lr, seed=seed, noise_seed=noise_seed)
+                          finetune_steps=finetune_steps, finetune_lr=finetune_lr, seed=seed, noise_seed=noise_seed,
+                          loss=loss_name)
