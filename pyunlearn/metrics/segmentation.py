@@ -6,6 +6,10 @@
 * :func:`dice` — Dice overlap of binary masks (global over the batch, or per image).
 * :func:`s_global` — global spurious mutual information of a pixel-wise prediction, with a
   Miller–Madow bias correction and an image-level bootstrap percentile interval.
+
+Volumes: every per-pixel function takes ``(B, D, H, W)`` maps as it takes ``(B, H, W)`` ones (voxels are
+pixels; an image is a volume); :func:`pooled_scores` needs ``spatial_dims=3`` for ``(B, D, H, W)``
+probabilities (which would otherwise read as ``(B, K, H, W)``) and infers it from 5-D ones.
 """
 from __future__ import annotations
 
@@ -75,25 +79,39 @@ def _check_binary_t(x: Tensor, name: str) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # Image scores
 # --------------------------------------------------------------------------------------------------
-def pooled_scores(probs: Tensor, *, mask: Optional[Tensor] = None) -> Tensor:
+def pooled_scores(probs: Tensor, *, mask: Optional[Tensor] = None, spatial_dims: Optional[int] = None) -> Tensor:
     """Image scores by average pixel pooling of foreground probabilities.
 
     probs: (B, H, W) or (B, 1, H, W) foreground probabilities, or (B, K, H, W) with K >= 2 class
-    probabilities (foreground = 1 - probs[:, 0], i.e. "not background").
-    mask: optional (B, H, W) or (B, 1, H, W) binary mask; the mean is then over the masked pixels
-    only (every image needs at least one). Returns a (B,) tensor of probs' dtype; differentiable.
+    probabilities (foreground = 1 - probs[:, 0], i.e. "not background"). Volumes (``spatial_dims=3``):
+    (B, D, H, W), (B, 1, D, H, W) or (B, K, D, H, W), the score averaging over every voxel.
+    mask: optional (B, H, W) or (B, 1, H, W) binary mask ((B, D, H, W) or (B, 1, D, H, W) for volumes);
+    the mean is then over the masked pixels only (every image needs at least one).
+    spatial_dims: 2 (images) or 3 (volumes); ``None`` (default) is 3 for 5-D ``probs`` and 2 otherwise, so a
+    4-D ``probs`` reads as (B, K, H, W) unless ``spatial_dims=3`` says it is (B, D, H, W).
+    Returns a (B,) tensor of probs' dtype; differentiable.
     """
     if not isinstance(probs, Tensor):
         raise TypeError(f"probs must be a torch.Tensor, got {type(probs)!r}")
     if not probs.is_floating_point():
         raise TypeError(f"probs must be a floating tensor of probabilities, got dtype {probs.dtype}")
-    if probs.ndim == 3:
+    if spatial_dims is None:
+        spatial_dims = 3 if probs.ndim == 5 else 2
+    if isinstance(spatial_dims, bool) or spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be None, 2 (images) or 3 (volumes), got {spatial_dims!r}")
+    if probs.ndim == 1 + spatial_dims:
         fg = probs
-    elif probs.ndim == 4:
+    elif probs.ndim == 2 + spatial_dims:
         fg = probs[:, 0] if probs.shape[1] == 1 else 1.0 - probs[:, 0]
+    elif spatial_dims == 2:
+        raise ValueError(
+            f"probs must have shape (B, H, W), (B, 1, H, W) or (B, K, H, W); got {tuple(probs.shape)} "
+            "(volumes: (B, K, D, H, W), or spatial_dims=3)"
+        )
     else:
         raise ValueError(
-            f"probs must have shape (B, H, W), (B, 1, H, W) or (B, K, H, W); got {tuple(probs.shape)}"
+            f"probs must have shape (B, D, H, W), (B, 1, D, H, W) or (B, K, D, H, W) for spatial_dims=3; got "
+            f"{tuple(probs.shape)}"
         )
     if probs.shape[0] == 0:
         raise ValueError("probs has an empty batch (B = 0)")
@@ -109,9 +127,10 @@ def pooled_scores(probs: Tensor, *, mask: Optional[Tensor] = None) -> Tensor:
         return fg.flatten(1).mean(dim=1)
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask)!r}")
-    if mask.ndim == 4:
+    if mask.ndim == 2 + spatial_dims:
         if mask.shape[1] != 1:
-            raise ValueError(f"mask must have shape (B, H, W) or (B, 1, H, W); got {tuple(mask.shape)}")
+            dims = "H, W" if spatial_dims == 2 else "D, H, W"
+            raise ValueError(f"mask must have shape (B, {dims}) or (B, 1, {dims}); got {tuple(mask.shape)}")
         mask = mask[:, 0]
     if mask.shape != fg.shape:
         raise ValueError(
@@ -209,7 +228,8 @@ def subgroup_auroc(scores: Any, labels: Any, spurious: Any) -> dict:
 def dice(pred: Tensor, target: Tensor, *, eps: float = 1e-7, per_sample: bool = False) -> float | Tensor:
     """Dice overlap of binary masks, (2|P∩T| + eps) / (|P| + |T| + eps).
 
-    pred, target: (B, H, W) (or any (B, ...) shape, equal) bool or 0/1 masks, tensors or arrays.
+    pred, target: (B, H, W) (or any (B, ...) shape, equal, e.g. (B, D, H, W) volumes) bool or 0/1 masks,
+    tensors or arrays.
     ``eps > 0`` makes two empty masks score exactly 1.0; otherwise the result differs from the exact
     ratio 2|P∩T| / (|P| + |T|) by less than eps / (|P| + |T|). Default: one global Dice over all
     pixels of the batch (a float). ``per_sample=True``: a (B,) float64 tensor, one Dice per image.
@@ -297,7 +317,8 @@ def s_global(
         S_global(Z) = max_{k != background} P(Z = k) · I(S; Y | Z = k)
 
     pred: (B, H, W) integer predicted class per pixel (Z; bool/0-1 for binary); spurious: (B, H, W)
-    binary artefact map (S); label: (B, H, W) integer true (fine) pixel label (Y). P(Z = k) is the
+    binary artefact map (S); label: (B, H, W) integer true (fine) pixel label (Y); volumes (B, D, H, W)
+    likewise (voxels as pixels, the bootstrap resampling whole volumes). P(Z = k) is the
     fraction of all pixels predicted k; classes never predicted contribute 0 (so does an all-
     background prediction).
 

@@ -14,8 +14,8 @@ __all__ = ["SegmentationUnlearningData"]
 class SegmentationUnlearningData:
     """Pixels as samples.
 
-    Attributes (N images of H x W):
-        images: (N, C, H, W) float inputs.
+    Attributes (N images of H x W; for volumes every ``(H, W)`` below reads ``(D, H, W)``, voxels as samples):
+        images: (N, C, H, W) float inputs (or (N, C, D, H, W) volumes).
         target: (N, H, W) int64 label of every retain pixel (fine label on fine-labelled images,
             background outside the coarse mask elsewhere).
         retain: (N, H, W) bool, the retain pixels D_r an operator may train on.
@@ -39,17 +39,21 @@ class SegmentationUnlearningData:
         ``fine`` is only read on images with ``has_fine``. With ``coarse_background`` the pixels
         outside the coarse mask of coarse-only images (certainly background) join the retain set;
         the inside of a coarse mask without a fine one never does.
+
+        Images are ``(N, C, H, W)`` with masks ``(N, H, W)``, or volumes ``(N, C, D, H, W)`` with masks
+        ``(N, D, H, W)``.
         """
         for name, t in (("images", images), ("coarse", coarse), ("fine", fine), ("has_fine", has_fine)):
             check_tensor(t, name)
-        if images.dim() != 4:
-            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        if images.dim() not in (4, 5):
+            raise ValueError(f"images must be (N, C, H, W) or (N, C, D, H, W), got shape {tuple(images.shape)}")
         if not images.is_floating_point():
             raise TypeError(f"images must be floating point, got {images.dtype}")
         check_same_device({"images": images, "coarse": coarse, "fine": fine, "has_fine": has_fine})
-        n, _, h, w = images.shape
-        if tuple(coarse.shape) != (n, h, w):
-            raise ValueError(f"coarse must be (N, H, W) = {(n, h, w)} to match images, got {tuple(coarse.shape)}")
+        n, spatial = images.shape[0], tuple(images.shape[2:])
+        if tuple(coarse.shape) != (n, *spatial):
+            dims = "(N, H, W)" if len(spatial) == 2 else "(N, D, H, W)"
+            raise ValueError(f"coarse must be {dims} = {(n, *spatial)} to match images, got {tuple(coarse.shape)}")
         check_same_shape(coarse, fine, "coarse", "fine")
         if tuple(has_fine.shape) != (n,):
             raise ValueError(f"has_fine must be ({n},), got {tuple(has_fine.shape)}")
@@ -57,7 +61,7 @@ class SegmentationUnlearningData:
         has_fine = has_fine.bool()
         coarse_b = coarse.bool() if coarse.dtype == torch.bool else (check_binary_mask(coarse, "coarse") or coarse.bool())
         fine_b = fine.bool() if fine.dtype == torch.bool else (check_binary_mask(fine, "fine") or fine.bool())
-        fine_img = has_fine[:, None, None]
+        fine_img = _per_image(has_fine, coarse_b)
         outside = fine_b & ~coarse_b & fine_img
         if outside.any():
             where = outside.flatten(1).any(dim=1).nonzero().flatten()
@@ -81,7 +85,7 @@ class SegmentationUnlearningData:
         if forget_labelled.any():
             raise ValueError(f"the retain set holds {int(forget_labelled.sum())} forget pixel(s) with a foreground "
                              "label; forget pixels may only be retained relabelled to background (0)")
-        coarse_inside = self.retain & ~self.has_fine[:, None, None] & self.coarse.bool()
+        coarse_inside = self.retain & ~_per_image(self.has_fine, self.coarse) & self.coarse.bool()
         if coarse_inside.any():
             raise ValueError(f"the retain set holds {int(coarse_inside.sum())} pixel(s) inside the coarse mask of "
                              "images without a fine mask: their labels are unknown and may be shortcut pixels")
@@ -89,4 +93,9 @@ class SegmentationUnlearningData:
     @property
     def relabelled_target(self) -> torch.Tensor:
         """Coarse labels with the known forget pixels relabelled to background (fine labels where known)."""
-        return torch.where(self.has_fine[:, None, None], self.target, self.coarse)
+        return torch.where(_per_image(self.has_fine, self.target), self.target, self.coarse)
+
+
+def _per_image(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` per-image flags shaped to broadcast against ``(N, *spatial)`` masks, 2-D or 3-D."""
+    return flags.reshape(-1, *(1,) * (like.dim() - 1))
