@@ -269,7 +269,7 @@ def test_auto_uses_ghost_norm_only_when_cheaper(monkeypatch, size, ghost_expecte
     x = torch.randn(3, 8, size, size, dtype=DT)
     target = torch.randn(3, 8, size, size, dtype=DT)
     ghost_calls = _spy(monkeypatch, ps._ConvRule, "_ghost_sq")
-    per_sample_calls = _spy(monkeypatch, ps, "_conv_per_sample")
+    per_sample_calls = _spy(monkeypatch, ps.conv, "_conv_per_sample")
     expected = loop_norms(loop_grads(model, x, target))
     psg = run_wrapped(model, x, target)
     torch.testing.assert_close(psg.per_sample_norms(), expected, **TOL)
@@ -304,7 +304,7 @@ def test_clipped_sum_is_book_kept_without_per_sample_weights(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("per-sample weight gradients formed inside clipped_sum_")
 
-    monkeypatch.setattr(ps, "_conv_per_sample", forbidden)
+    monkeypatch.setattr(ps.conv, "_conv_per_sample", forbidden)
     monkeypatch.setattr(torch, "bmm", forbidden)
     psg.clipped_sum_(0.5)
     factor = clip_factor(norms, 0.5)
@@ -576,3 +576,85 @@ def test_tied_weights_are_refused():
         PerSampleGradients(nn.Sequential(a, b))
     a.weight.requires_grad_(False)
     PerSampleGradients(nn.Sequential(a, b)).remove()  # frozen: fine
+
+
+# ---------------------------------------------------------------------------------------------- PReLU
+def func_grads(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample gradients from torch.func (vmap of grad over the batch). Run before wrapping."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+
+    def one(params, xi, ti):
+        out = functional_call(model, {**params, **frozen}, (xi.unsqueeze(0),))
+        return per_sample_loss(out, ti.unsqueeze(0)).sum()
+
+    return vmap(grad(one), in_dims=(None, 0, 0))(params, x, target)
+
+
+class TwicePReLU(nn.Module):
+    """One PReLU called twice in a forward pass (weight sharing)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.act = nn.PReLU(c)
+
+    def forward(self, x):
+        return self.act(self.conv(self.act(x)))
+
+
+@pytest.mark.parametrize("shape, channels", [
+    ((3, 4, 5, 6), 1), ((3, 4, 5, 6), 4),   # 2-D feature maps: one weight, per-channel weights
+    ((4, 3), 3), ((4, 3), 1),                 # (B, C)
+    ((2, 2, 3, 4, 3), 2),                     # 3-D volumes
+    ((3, 5, 7), 5),                           # (B, C, L)
+])
+@pytest.mark.parametrize("method", ["auto", "per_sample"])
+def test_prelu_matches_torch_func(shape, channels, method):
+    torch.manual_seed(13)
+    c = shape[1]
+    conv = {2: lambda: nn.Linear(c, c), 3: lambda: nn.Conv1d(c, c, 3, padding=1),
+            4: lambda: nn.Conv2d(c, c, 3, padding=1), 5: lambda: nn.Conv3d(c, c, 3, padding=1)}[len(shape)]
+    model = nn.Sequential(conv(), nn.PReLU(channels), conv(), nn.PReLU(channels, init=0.1)).to(DT)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.PReLU):
+                m.weight.add_(0.2 * torch.randn_like(m.weight))  # distinct per-channel slopes
+    x = torch.randn(*shape, dtype=DT)
+    with torch.no_grad():
+        target = torch.randn_like(model(x))
+    expected = func_grads(model, x, target)
+    assert expected["1.weight"].shape == (shape[0], channels)
+    assert float(expected["1.weight"].abs().max()) > 0, "the test must exercise negative inputs"
+    loop = loop_grads(model, x, target)
+    for n in expected:  # the two oracles agree
+        torch.testing.assert_close(expected[n], loop[n], **TOL, msg=n)
+    assert_matches_loop(model, x, target, norm_method=method)
+
+
+def test_prelu_called_twice_and_frozen():
+    torch.manual_seed(14)
+    model = nn.Sequential(TwicePReLU(3), nn.Tanh()).to(DT)
+    x = torch.randn(3, 3, 4, 4, dtype=DT)
+    with torch.no_grad():
+        target = torch.randn_like(model(x))
+    expected = func_grads(model, x, target)
+    psg = run_wrapped(model, x, target)
+    try:
+        got = psg.grad_samples()
+        for n in expected:
+            torch.testing.assert_close(got[n], expected[n], **TOL, msg=n)
+        torch.testing.assert_close(psg.per_sample_norms(), loop_norms(expected), **TOL)
+    finally:
+        psg.remove()
+    model[0].act.requires_grad_(False)  # frozen: skipped, its input still gets gradients through it
+    assert_matches_loop(model, x, target)
+    assert nn.PReLU in ps.SUPPORTED_LAYERS and nn.PReLU in ps.supported_layers()
+
+
+def test_rule_registry_refuses_a_type_twice():
+    with pytest.raises(ValueError, match="PReLU is already registered"):
+        ps.register_rule({nn.PReLU: None})(type("Again", (ps._Rule,), {}))
+    assert type(ps._RULES[nn.PReLU]).__name__ == "_PReLURule"
