@@ -17,6 +17,7 @@ from pyunlearn._triton import clip_noise_step as cns
 
 U32 = {f"k{i}": "u32" for i in range(8)} | {"step": "u32", "stream": "u32"}
 FK = {"fk0": "u32", "fk1": "u32"}
+SNAP = {"snap_h": "fp64", "snap_inv_h": "fp64", "snap_region": "fp64"}  # the release grid near 0 (rng.snap)
 QB = 256  # the default BLOCK of 1024 elements
 
 KERNELS = [
@@ -32,15 +33,15 @@ KERNELS = [
      {"fp_ptr": "*fp64", "n_blocks": "i32", "res_ptr": "*fp64", "RBLOCK": "constexpr"}, {"RBLOCK": 1024}),
     *[(f"pass2_{'model' if model else 'gradient'}", cns._pass2_kernel,
        {"table_ptr": "*i64", "res_ptr": "*fp64", "fp_ptr": "*fp64", "n_blocks": "i32", "lr": "fp32",
-        "max_norm": "fp32", "weight_decay": "fp32", "sigma": "fp64", **U32, **FK, "MODEL": "constexpr",
+        "max_norm": "fp32", "weight_decay": "fp32", "sigma": "fp64", **SNAP, **U32, **FK, "MODEL": "constexpr",
         "HAS_NOISE": "constexpr", "G_DTYPE": "constexpr", "QB": "constexpr"},
        {"MODEL": model, "HAS_NOISE": True, "G_DTYPE": tl.bfloat16 if model else tl.float32, "QB": QB})
       for model in (False, True)],
     ("dpsgd", cns._dpsgd_kernel,
      {"table_ptr": "*i64", "lr": "fp64", "std": "fp64", "expected_batch_size": "fp64", "weight_decay": "fp64",
-      **U32, "G_DTYPE": "constexpr", "HAS_NOISE": "constexpr", "QB": "constexpr"},
+      **SNAP, **U32, "G_DTYPE": "constexpr", "HAS_NOISE": "constexpr", "QB": "constexpr"},
      {"G_DTYPE": tl.float16, "HAS_NOISE": True, "QB": QB}),
-    ("add_noise", cns._add_noise_kernel, {"table_ptr": "*i64", "sigma": "fp64", **U32, "QB": "constexpr"},
+    ("add_noise", cns._add_noise_kernel, {"table_ptr": "*i64", "sigma": "fp64", **SNAP, **U32, "QB": "constexpr"},
      {"QB": QB}),
     ("gaussian_noise", cns._gaussian_noise_kernel,
      {"out_ptr": "*fp64", "numel": "i64", "offset": "i64", "first": "i64", **U32, "QB": "constexpr"}, {"QB": QB}),
