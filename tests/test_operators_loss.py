@@ -29,6 +29,15 @@ CERTIFIED = {"gradient_clipping", "model_clipping", "output_perturbation"}
 COMMON = dict(batch_size=3, seed=0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread (two wait for each other on a loaded 2-core machine); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def private_key_file(tmp_path_factory, monkeypatch):
     path = tmp_path_factory.mktemp("keys") / "checkpoint.key"
