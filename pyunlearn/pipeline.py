@@ -34,7 +34,8 @@ from .metrics import dice, pooled_scores, s_global, subgroup_auroc
 from .models import EncoderDecoder
 from .unlearn import SegmentationUnlearningData
 
-__all__ = ["DemoConfig", "EvalSet", "evaluate", "job_noise_seed", "run_pipeline", "run_synthetic_demo", "METHODS"]
+__all__ = ["DemoConfig", "EvalSet", "evaluate", "job_noise_seed", "run_pipeline", "run_synthetic_demo", "METHODS",
+           "dead_reason", "DeadModelError"]
 
 #: Methods of the main job, in report order.
 METHODS = ("coarse", "retrain", "oracle", "finetune", "neggrad_seg", "gradient_clipping", "model_clipping")
@@ -87,6 +88,14 @@ class DemoConfig:
     eval_every: int = 25
     s_global_boot: int = 200
     methods: tuple = METHODS
+    #: Generator of the synthetic demo's splits (:class:`pyunlearn.data.SyntheticShortcuts`): ``"easy"`` (the
+    #: original generator, which these defaults are tuned for) or ``"hard"`` (the generator's own default;
+    #: the pipeline's defaults are not yet retuned for it). A run config's ``[pipeline]`` table may set it
+    #: (it only affects the synthetic demo).
+    difficulty: str = "easy"
+    #: Retries, with another initialisation seed, of a model trained from scratch (public encoder, coarse
+    #: decoder, retrain, oracle) whose outputs are (near-)constant; see :func:`dead_reason`.
+    dead_retries: int = 2
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -155,6 +164,67 @@ def job_noise_seed(noise_seed: Optional[int], seed: int) -> Optional[int]:
     return int.from_bytes(digest[:8], "little") % 2**63
 
 
+#: A model whose foreground probability has a standard deviation below this over every pixel of every
+#: image is dead (constant output). A trained segmenter separates foreground from background, so its
+#: probabilities spread over a large part of [0, 1] (std ~0.1 or more, even for the weak --quick models);
+#: a saturated or collapsed one gives ~1e-11 (the dead models seen: Dice ~3e-11, AUROC 0.500).
+DEAD_STD = 1e-3
+#: Below this spread, a model that puts every pixel on the same side of 0.5 is near-constant: dead too.
+#: (Kept small: noisy certified models of tiny untrained decoders were seen at std 0.004 with every pixel
+#: foreground; they are weak, not dead, and still published.)
+NEAR_CONSTANT_STD = 2e-3
+#: Training images checked (the first ones; the evaluation set is checked whole).
+_DEAD_TRAIN_IMAGES = 128
+
+
+class DeadModelError(RuntimeError):
+    """A model the job cannot do without (the coarse model) stayed dead after every retry."""
+
+
+def dead_reason(model: nn.Module, images: torch.Tensor, *, features: Optional[tuple] = None,
+                where: str = "evaluation set") -> Optional[str]:
+    """Why ``model`` is dead on ``images`` (constant or near-constant output), or None when it is alive.
+
+    Dead: non-finite probabilities; a foreground-probability std over all pixels of all images below
+    :data:`DEAD_STD`; or every pixel on the same side of 0.5 (foreground fraction 0 or 1) with a std below
+    :data:`NEAR_CONSTANT_STD`."""
+    probs = _probabilities(model, images, features=features).double()
+    if not bool(torch.isfinite(probs).all()):
+        return f"non-finite output on the {where}"
+    std = float(probs.std()) if probs.numel() > 1 else 0.0
+    if std < DEAD_STD:
+        return f"constant output on the {where} (foreground probability std {std:.2g} < {DEAD_STD:g})"
+    fraction = float((probs > 0.5).double().mean())
+    if fraction in (0.0, 1.0) and std < NEAR_CONSTANT_STD:
+        return (f"near-constant output on the {where} (predicts {'foreground' if fraction else 'background'} "
+                f"everywhere, foreground probability std {std:.2g} < {NEAR_CONSTANT_STD:g})")
+    return None
+
+
+def _check_dead(model: nn.Module, train_images: Optional[torch.Tensor], test: Optional["EvalSet"]) -> Optional[str]:
+    """The training outputs (first images) and the evaluation outputs; the first reason found, or None."""
+    if train_images is not None:
+        reason = dead_reason(model, train_images[:_DEAD_TRAIN_IMAGES], where="training images")
+        if reason:
+            return reason
+    if test is not None:
+        return dead_reason(model, test.images, features=test.features)
+    return None
+
+
+def retry_seed(seed: int, attempt: int) -> int:
+    """The initialisation (and batch) seed of retry ``attempt`` (0: the job's own seed)."""
+    return seed if attempt == 0 else seed + 7919 * attempt
+
+
+def _retry_stage(stage: str, attempt: int) -> str:
+    return stage if attempt == 0 else f"{stage} retry {attempt}"
+
+
+def _with_retries(stages, retries: int) -> list[str]:
+    return [_retry_stage(s, a) for s in stages for a in range(retries + 1)]
+
+
 def _method_kwargs(config: DemoConfig, seed: int) -> dict[str, tuple[Callable, dict]]:
     common = dict(batch_size=config.batch_size, seed=seed)
     noise_seed = job_noise_seed(config.noise_seed, seed)
@@ -221,7 +291,7 @@ def run_pipeline(model: nn.Module, data: SegmentationUnlearningData, test: EvalS
     methods replay from their final checkpoint); when every method is done the checkpoints are deleted
     unless ``keep_checkpoints``.
     """
-    with checkpoint_folder(checkpoint_dir, _stages(config), keep=keep_checkpoints):
+    with checkpoint_folder(checkpoint_dir, _with_retries(_stages(config), config.dead_retries), keep=keep_checkpoints):
         return _run_methods(model, data, test, config, seed=seed, oracle_data=oracle_data, progress=progress,
                             checkpoint_dir=checkpoint_dir)
 
@@ -240,39 +310,64 @@ def _run_methods(model: nn.Module, data: SegmentationUnlearningData, test: EvalS
                  checkpoint_dir: Optional[Path]) -> tuple[dict, dict[str, nn.Module]]:
     results: dict[str, dict] = {}
     models: dict[str, nn.Module] = {"coarse": model}
+    coarse_dead = _check_dead(model, data.images, test)
+    if coarse_dead:
+        raise DeadModelError(f"the coarse model is dead ({coarse_dead}); every method starts from it, so the job "
+                             "stops (pretrain retries dead stages with other seeds; see DemoConfig.dead_retries)")
     results["coarse"] = {**evaluate(model, test, n_boot=config.s_global_boot, seed=seed), "wall_s": 0.0,
-                         "certificate": None}
+                         "certificate": None, "status": "ok",
+                         "retries": list(getattr(model, "pyunlearn_retries", []))}
 
     def trajectory_eval(m: nn.Module) -> dict:
         metrics = evaluate(m, test, fast=True)
         return {"worst_group_auroc": metrics["worst_group_auroc"], "auroc": metrics["auroc"]}
 
-    table = _method_kwargs(config, seed)
     wanted = _stages(config)
     # Inside the job the checkpoints stay until every stage is done (a rerun replays finished ones);
     # checkpoint_folder deletes them at the end.
     keep = dict(keep_checkpoints=True) if checkpoint_dir is not None else {}
     for name in tqdm(wanted, desc="methods", disable=not progress):
-        if name == "oracle":
-            if oracle_data is None:
-                continue
+        if name == "oracle" and oracle_data is None:
+            continue
+        if name != "oracle" and name not in _method_kwargs(config, seed):
+            raise ValueError(f"unknown method {name!r}; choose from {METHODS + ('psg_segmentation',)}")
+        # Trained from scratch: a dead result is retried with another initialisation seed. Started from the
+        # coarse model: a dead result is reported as dead, never as numbers.
+        from_scratch = name in ("retrain", "oracle")
+        retries: list[dict] = []
+        for attempt in range(config.dead_retries + 1 if from_scratch else 1):
+            run_seed = retry_seed(seed, attempt)
+            ckpt = _checkpoint_path(checkpoint_dir, _retry_stage(name, attempt))
             t0 = time.perf_counter()
-            trained, record = unlearn.retrain(model, oracle_data, steps=config.retrain_steps, lr=config.lr,
-                                              batch_size=config.batch_size, seed=seed, progress=progress,
-                                              checkpoint=_checkpoint_path(checkpoint_dir, name), **keep)
-            record["wall_s"] = time.perf_counter() - t0
-        else:
-            if name not in table:
-                raise ValueError(f"unknown method {name!r}; choose from {METHODS + ('psg_segmentation',)}")
-            fn, kwargs = table[name]
-            if name in ("finetune", "gradient_clipping", "model_clipping", "retrain"):
-                kwargs = dict(kwargs, eval_fn=trajectory_eval, eval_every=config.eval_every)
-            if name != "psg_segmentation":
-                kwargs = dict(kwargs, progress=progress, checkpoint=_checkpoint_path(checkpoint_dir, name), **keep)
-            trained, record = fn(model, data, **kwargs)
+            if name == "oracle":
+                trained, record = unlearn.retrain(model, oracle_data, steps=config.retrain_steps, lr=config.lr,
+                                                  batch_size=config.batch_size, seed=run_seed, progress=progress,
+                                                  checkpoint=ckpt, **keep)
+                record["wall_s"] = time.perf_counter() - t0
+            else:
+                fn, kwargs = _method_kwargs(config, run_seed)[name]
+                if name in ("finetune", "gradient_clipping", "model_clipping", "retrain"):
+                    kwargs = dict(kwargs, eval_fn=trajectory_eval, eval_every=config.eval_every)
+                if name != "psg_segmentation":
+                    kwargs = dict(kwargs, progress=progress, checkpoint=ckpt, **keep)
+                trained, record = fn(model, data, **kwargs)
+            reason = _check_dead(trained, (oracle_data if name == "oracle" else data).images, test)
+            if reason is None:
+                break
+            retries.append({"seed": run_seed, "reason": reason})
+        if reason is not None:
+            # No metrics, no trajectory (evaluations of the dead model), no certificate, no released model.
+            results[name] = {"status": "dead", "reason": reason, "wall_s": record["wall_s"], "certificate": None,
+                             "hyperparameters": record.get("hyperparameters")}
+            if from_scratch:
+                results[name]["retries"] = retries
+            continue
         metrics = evaluate(trained, test, n_boot=config.s_global_boot, seed=seed)
         results[name] = {**metrics, "wall_s": record["wall_s"], "certificate": record.get("certificate"),
-                         "trajectory": record.get("trajectory", []), "hyperparameters": record.get("hyperparameters")}
+                         "trajectory": record.get("trajectory", []), "hyperparameters": record.get("hyperparameters"),
+                         "status": "ok"}
+        if from_scratch:
+            results[name]["retries"] = retries
         if "diagnostics" in record:  # only with config.diagnostics; the certificate lists it as not covered
             results[name]["diagnostics"] = record["diagnostics"]
         models[name] = trained
@@ -281,7 +376,8 @@ def _run_methods(model: nn.Module, data: SegmentationUnlearningData, test: EvalS
 
 def build_synthetic(config: DemoConfig, seed: int):
     """Public split (its own seed, artefacts uncorrelated, fine masks), private split, balanced test split."""
-    common = dict(image_size=config.image_size, dilation_radius=config.dilation_radius)
+    common = dict(image_size=config.image_size, dilation_radius=config.dilation_radius,
+                  difficulty=config.difficulty)
     public = SyntheticShortcuts(config.n_public, correlation=0.0, fine_fraction=1.0, seed=10_000 + seed, **common)
     private = SyntheticShortcuts(config.n_private, correlation=config.correlation,
                                  fine_fraction=config.fine_fraction, seed=seed, **common)
@@ -291,25 +387,57 @@ def build_synthetic(config: DemoConfig, seed: int):
 
 def pretrain(public_images: torch.Tensor, public_masks: torch.Tensor, private: SegmentationUnlearningData,
              config: DemoConfig, *, seed: int, progress: bool = True,
-             checkpoint_dir: Optional[Path] = None, keep_checkpoints: bool = False) -> nn.Module:
+             checkpoint_dir: Optional[Path] = None, keep_checkpoints: bool = False,
+             eval_images: Optional[torch.Tensor] = None) -> nn.Module:
     """A public encoder (trained with its own decoder on public data), frozen; then a fresh decoder
     trained on the private coarse masks: the coarse model. With ``checkpoint_dir`` each stage's checkpoint
-    is deleted when it succeeds unless ``keep_checkpoints`` (the demo keeps them until the job is done)."""
-    torch.manual_seed(seed)
-    model = EncoderDecoder(in_channels=public_images.shape[1], width=config.width)
+    is deleted when it succeeds unless ``keep_checkpoints`` (the demo keeps them until the job is done).
+
+    Each stage's outputs are checked (:func:`dead_reason`) on its training images and ``eval_images``; a
+    dead stage is retrained with another initialisation seed, up to ``config.dead_retries`` times, and the
+    retries are recorded on the model (``model.pyunlearn_retries``: stage, seed, reason); a stage still dead
+    after them raises :class:`DeadModelError`."""
+    retries: list[dict] = []
+    evalset = EvalSet(images=eval_images, fine=None, labels=None, has_artefact=None) if eval_images is not None else None
     everything = torch.ones(public_images.shape[0], dtype=torch.bool)
     public = SegmentationUnlearningData.from_masks(public_images, public_masks, public_masks, everything)
-    unlearn.train_segmenter(model, public, target="all", steps=config.public_steps, lr=config.lr,
-                            batch_size=config.batch_size, seed=seed, progress=progress, method="public encoder",
-                            checkpoint=_checkpoint_path(checkpoint_dir, "public encoder"),
-                            keep_checkpoints=keep_checkpoints)
-    model.freeze_encoder().reset_decoder(seed)
     coarse_all = SegmentationUnlearningData(images=private.images, target=private.coarse, retain=private.retain,
                                             forget=private.forget, coarse=private.coarse, has_fine=private.has_fine)
-    unlearn.train_segmenter(model, coarse_all, target="all", steps=config.coarse_steps, lr=config.lr,
-                            batch_size=config.batch_size, seed=seed, progress=progress, method="coarse decoder",
-                            checkpoint=_checkpoint_path(checkpoint_dir, "coarse decoder"),
-                            keep_checkpoints=keep_checkpoints)
+
+    def stage(name: str, attempt_fn) -> None:
+        for attempt in range(config.dead_retries + 1):
+            run_seed = retry_seed(seed, attempt)
+            model = attempt_fn(run_seed, _checkpoint_path(checkpoint_dir, _retry_stage(name, attempt)))
+            reason = _check_dead(model, images_of[name], evalset)
+            if reason is None:
+                return model
+            retries.append({"stage": name, "seed": run_seed, "reason": reason})
+        raise DeadModelError(f"{name}: dead after {config.dead_retries} retries with other initialisation seeds "
+                             f"(last: {reason}); the pipeline's settings (e.g. lr={config.lr}) do not train on this "
+                             "data")
+
+    images_of = {"public encoder": public_images, "coarse decoder": private.images}
+
+    def public_encoder(run_seed: int, ckpt):
+        torch.manual_seed(run_seed)
+        model = EncoderDecoder(in_channels=public_images.shape[1], width=config.width)
+        unlearn.train_segmenter(model, public, target="all", steps=config.public_steps, lr=config.lr,
+                                batch_size=config.batch_size, seed=run_seed, progress=progress,
+                                method="public encoder", checkpoint=ckpt, keep_checkpoints=keep_checkpoints)
+        return model
+
+    model = stage("public encoder", public_encoder)
+    model.freeze_encoder()
+
+    def coarse_decoder(run_seed: int, ckpt):
+        model.reset_decoder(run_seed)
+        unlearn.train_segmenter(model, coarse_all, target="all", steps=config.coarse_steps, lr=config.lr,
+                                batch_size=config.batch_size, seed=run_seed, progress=progress,
+                                method="coarse decoder", checkpoint=ckpt, keep_checkpoints=keep_checkpoints)
+        return model
+
+    model = stage("coarse decoder", coarse_decoder)
+    model.pyunlearn_retries = retries
     return model
 
 
@@ -339,9 +467,10 @@ def run_synthetic_demo(out_dir: str | Path, *, seed: int = 0, device: str = "cpu
                                                    torch.ones_like(to(private.has_fine)))
     evalset = EvalSet(images=to(test.images), fine=to(test.fine), labels=test.labels,
                       has_artefact=test.has_artefact, artefact_map=to(test.artefact_map))
-    with checkpoint_folder(checkpoint_dir, PRETRAIN_STAGES + tuple(_stages(config)), keep=keep_checkpoints):
+    stages = _with_retries(PRETRAIN_STAGES + tuple(_stages(config)), config.dead_retries)
+    with checkpoint_folder(checkpoint_dir, stages, keep=keep_checkpoints):
         model = pretrain(to(public.images), to(public.fine), data, config, seed=seed, progress=progress,
-                         checkpoint_dir=checkpoint_dir, keep_checkpoints=True).to(dev)
+                         checkpoint_dir=checkpoint_dir, keep_checkpoints=True, eval_images=evalset.images).to(dev)
         evalset.cache_features(model)
         pretrain_s = time.perf_counter() - t0
         methods, models = _run_methods(model, data, evalset, config, seed=seed, oracle_data=oracle,
@@ -426,7 +555,8 @@ def run_config(path: str | Path, *, progress: bool = True) -> tuple[dict, Path]:
     evalset = EvalSet(images=tensors["image"][test], fine=fine[test], labels=tensors["label"][test],
                       has_artefact=has_artefact)
     t0 = time.perf_counter()
-    model = pretrain(tensors["image"][pub], fine[pub], data, config, seed=seed, progress=progress)
+    model = pretrain(tensors["image"][pub], fine[pub], data, config, seed=seed, progress=progress,
+                     eval_images=evalset.images)
     evalset.cache_features(model)
     methods, models = run_pipeline(model, data, evalset, config, seed=seed, oracle_data=oracle, progress=progress)
     report = {"config": {**config.to_dict(), "source": str(path), "data": cfg["data"], "split": split,

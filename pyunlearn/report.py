@@ -29,10 +29,25 @@ def _cell(metrics: dict, key: str) -> str:
     return f"{value:.1f}" if key == "wall_s" else f"{value:.3f}"
 
 
+#: What a dead method's row shows instead of numbers.
+DEAD_CELL = "dead (constant output)"
+
+
+def is_dead(metrics: dict) -> bool:
+    return metrics.get("status") == "dead"
+
+
+def _row(name: str, metrics: dict) -> list[str]:
+    if is_dead(metrics):  # never numbers: the first metric column says so, the others are empty
+        return [name, DEAD_CELL] + ["-"] * (len(_COLUMNS) - 1)
+    return [name] + [_cell(metrics, key) for key, _ in _COLUMNS]
+
+
 def format_table(methods: dict, *, markdown: bool = True) -> str:
-    """The per-method table, as Markdown or as aligned plain text for the terminal."""
+    """The per-method table, as Markdown or as aligned plain text for the terminal. A dead method (status
+    ``"dead"``: constant output) shows :data:`DEAD_CELL` and no metrics."""
     header = ["method"] + [title for _, title in _COLUMNS]
-    rows = [[name] + [_cell(m, key) for key, _ in _COLUMNS] for name, m in methods.items()]
+    rows = [_row(name, m) for name, m in methods.items()]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -113,7 +128,7 @@ def _figures(report: dict, out: Path, models: dict, test) -> list[str]:
                     color=ax.lines[-1].get_color() if traj else None,
                     label=f"{name}: noisy phase (diagnostics, NOT certified)")
     for name in ("coarse", "oracle"):
-        if name in methods:
+        if name in methods and methods[name].get("worst_group_auroc") is not None:
             ax.axhline(methods[name]["worst_group_auroc"], ls="--", lw=0.8, color="grey")
             ax.text(0, methods[name]["worst_group_auroc"], f" {name}", fontsize=7, va="bottom", color="grey")
     ax.set_xlabel("unlearning step (dotted: end of the noisy phase" + ("; dashed: not certified)" if any_diagnostics
@@ -124,7 +139,10 @@ def _figures(report: dict, out: Path, models: dict, test) -> list[str]:
     fig.savefig(out / "trajectory.png", dpi=110)
     plt.close(fig)
     written.append("trajectory.png")
-    # 3. Subgroup AUROC bars per method.
+    # 3. Subgroup AUROC bars per method (dead methods have none).
+    methods = {name: m for name, m in methods.items() if m.get("group_auroc")}
+    if not methods:
+        return written
     groups = list(next(iter(methods.values()))["group_auroc"].keys())
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(methods)), 3.8))
     width = 0.8 / len(groups)
@@ -153,6 +171,19 @@ def write_report(report: dict, out: Path, *, models: Optional[dict] = None, test
     lines += ["Pooled image score = mean foreground probability. Subgroup AUROC compares the positives of one "
               "artefact subgroup with the negatives of another; `pos_clean_vs_neg_art` is where a shortcut "
               "misleads. S_global in nats with a bootstrap interval over images.", ""]
+    dead = {name: m for name, m in report["methods"].items() if is_dead(m)}
+    if dead:
+        lines += ["**Dead models** (constant or near-constant output; no metrics are reported for them): "
+                  + "; ".join(f"`{n}`: {m.get('reason', 'constant output')}"
+                              + (f" (after {len(m['retries'])} retries with other initialisation seeds)"
+                                 if m.get("retries") else "")
+                              for n, m in dead.items()), ""]
+    retried = {name: m["retries"] for name, m in report["methods"].items() if m.get("retries") and not is_dead(m)}
+    if retried:
+        lines += ["**Retried** (a from-scratch training ended dead and was rerun with another initialisation "
+                  "seed): " + "; ".join(f"`{n}`: " + ", ".join(
+                      f"{r.get('stage', n)} seed {r['seed']} ({r['reason']})" for r in rs) for n, rs in retried.items()),
+                  ""]
     certified = [name for name, m in report["methods"].items() if m.get("certificate")]
     if certified:
         lines += ["A certificate covers its method's released model and everything this report shows of that method: "
@@ -195,10 +226,15 @@ def summarize_seeds(reports: dict[int, dict], out: Path) -> dict:
     for name in names:
         row = {}
         for key in keys:
-            values = [r["methods"][name][key] for r in reports.values() if r["methods"][name].get(key) is not None]
+            values = [r["methods"][name][key] for r in reports.values()
+                      if name in r["methods"] and not is_dead(r["methods"][name])
+                      and r["methods"][name].get(key) is not None]
             if values:
                 row[key] = {"mean": statistics.fmean(values),
                             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+        dead = [s for s, r in reports.items() if name in r["methods"] and is_dead(r["methods"][name])]
+        if dead:
+            row["dead_seeds"] = dead
         summary[name] = row
     result = {"seeds": list(reports), "methods": summary}
     out = Path(out)
@@ -210,6 +246,8 @@ def summarize_seeds(reports: dict[int, dict], out: Path) -> dict:
         digits = {"s_global": 4, "wall_s": 1}
         cells = [f"{row[k]['mean']:.{digits.get(k, 3)}f} ± {row[k]['std']:.{digits.get(k, 3)}f}" if k in row else "-"
                  for k in keys]
+        if row.get("dead_seeds"):
+            cells[0] += f" ({DEAD_CELL} at seeds {row['dead_seeds']}, left out)"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return result
