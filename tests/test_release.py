@@ -92,14 +92,17 @@ def _equal(x, y) -> bool:
 
 
 def world_revealing(runs: dict[str, list]) -> list[str]:
-    """Paths whose value is the same in both runs of each world but differs between the worlds."""
+    """Paths whose value is the same in every run of each world but differs between the worlds.
+
+    NOTE: coarse metrics (AUROC on a few dozen images, 3-decimal markdown) can coincide by chance across two
+    noisy runs; the report test runs each world three times so that a chance match in both worlds is rare."""
     flat = {w: [dict(leaves(r)) for r in rs] for w, rs in runs.items()}
     missing = object()
     paths = set().union(*(f.keys() for fs in flat.values() for f in fs))
     bad = []
     for path in sorted(paths):
-        (a1, a2), (b1, b2) = ([f.get(path, missing) for f in flat[w]] for w in ("A", "B"))
-        if _equal(a1, a2) and _equal(b1, b2) and not _equal(a1, b1):
+        a, b = ([f.get(path, missing) for f in flat[w]] for w in ("A", "B"))
+        if all(_equal(a[0], v) for v in a) and all(_equal(b[0], v) for v in b) and not _equal(a[0], b[0]):
             bad.append(path)
     return bad
 
@@ -144,7 +147,7 @@ def test_report_of_the_certified_methods_holds_nothing_fixed_within_a_world(tmp_
                         post_steps=2, eval_every=1, s_global_boot=10, methods=("gradient_clipping", "model_clipping"))
     reports, texts = {"A": [], "B": []}, {"A": [], "B": []}
     for w in ("A", "B"):
-        for i in range(2):
+        for i in range(3):
             model = world(w)
             test.cache_features(model)
             methods, _ = run_pipeline(model, data, test, config, progress=False)
