@@ -28,7 +28,8 @@ Why 128-bit uniforms: the smallest radius uniform is 2^-129, so the sampler reac
 Gaussian's mass beyond that is 2^-129), and near every zero of sin/cos the angle has an absolute
 resolution of 2^-125. The noise therefore has no sparse support at float32 (or float64-centre) resolution:
 every float32 value near ``centre`` is reachable as ``round(centre + sigma z)``, which the backends form
-in float64 and round once to the parameter dtype. ``noise_tv_bound`` gives the residual accounted in the
+in float64 and round once to the parameter dtype (within 2^-7 sigma of 0, where float32 is finer than the
+float64 sum, on the grid of ``release_grid``). ``noise_tv_bound`` gives the residual accounted in the
 certificate's delta.
 """
 from __future__ import annotations
