@@ -34,7 +34,7 @@ from ..checkpoint import (CheckpointError, RunLock, checkpoint_key, data_identit
                           remove_checkpoint, save_checkpoint)
 from ..losses import LossFn, get_loss, masked_cross_entropy
 from ..optim import GradientClipping, ModelClipping
-from ..optim._certified import noise_key, project_
+from ..optim._certified import noise_delta, noise_key, project_
 from ..ops.rng import STREAM_INIT
 from .data import SegmentationUnlearningData
 
@@ -735,9 +735,13 @@ def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, e
                        eval_fn=eval_fn, eval_every=eval_every, loss=loss_f)
     named = _trainable(model)
     params = [p for _, p in named]
-    # Already float32 (what the noise kernel adds exactly) and with the clip slack in its sensitivity; extreme
-    # epsilon/delta/c0 are ValueErrors naming them, raised before the model is touched.
-    sigma0 = certify.sigma_output_perturbation(epsilon=epsilon, delta=delta, c0=c0)
+    # The sampler's share of delta (one draw over every certified coordinate) is taken off before calibrating
+    # (refused past 10% of delta). sigma0 is already float32 (what the noise kernel adds exactly) and has the
+    # clip slack in its sensitivity; extreme epsilon/delta/c0 are ValueErrors naming them, raised before the
+    # model is touched.
+    share = noise_delta(coordinates=sum(p.numel() for p in params), draws=1, epsilon=float(epsilon),
+                        delta=float(delta), where="output_perturbation")
+    sigma0 = certify.sigma_output_perturbation(epsilon=epsilon, delta=delta - share, c0=c0)
     seeded = noise_seed is not None
     key = noise_key(noise_seed if seeded else None, "output_perturbation")
     record = {"losses": [], "trajectory": []}
@@ -759,9 +763,11 @@ def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, e
         assumptions=["the certified parameters are exactly the listed ones; every other parameter never saw the "
                      "private training data",
                      "later fine-tuning used retain data only (post-processing)",
-                     "noise seeded by the user: reproducible, NOT secret" if seeded
-                     else "noise seed drawn from the operating system's entropy and kept secret"],
-        seeded=seeded)
+                     "noise key derived from a user seed: reproducible, NOT secret" if seeded
+                     else "256-bit noise key drawn from the operating system's entropy, never stored",
+                     "noise: ChaCha20 counter mode, float64 Box-Muller from 128-bit uniforms, centre + noise rounded "
+                     "once; delta includes the sampler's total-variation distance to the Gaussian (noise_delta)"],
+        seeded=seeded, noise_delta=share)
     record["certificate"] = certificate.to_dict()
     return model, _finish(record, "output_perturbation", t0, epsilon=epsilon, delta=delta, c0=c0, sigma0=sigma0,
                           finetune_steps=finetune_steps, finetune_lr=finetune_lr, seed=seed, noise_seed=noise_seed,
