@@ -75,7 +75,8 @@ def test_isic_items_match_files(root: Path) -> None:
              for r in read_rows(root / ARTEFACTS_CSV)}
     for k, item in enumerate(ds):
         i = expected_ids[k]
-        assert set(item) == {"image", "fine", "label", "artefacts", "id"}
+        assert set(item) == {"image", "fine", "has_fine", "label", "artefacts", "id"}
+        assert item["has_fine"].dtype == torch.bool and item["has_fine"].item()
         assert item["id"] == i
         img = item["image"]
         assert img.dtype == torch.float32 and img.shape == (3, H, W)
@@ -458,14 +459,20 @@ def test_folder_empty_images_folder(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # _io helpers
 # ----------------------------------------------------------------------------------------------
-@given(arr=arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 9))))
-def test_load_mask_threshold_property(arr: np.ndarray) -> None:
+@given(arr=arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 9))),
+       thr=st.integers(0, 254))
+def test_load_mask_threshold_property(arr: np.ndarray, thr: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "m.png"
         Image.fromarray(arr).save(path)
-        got = load_mask(path).numpy()
-    want = arr > 0 if arr.max() <= 1 else arr > 127
-    np.testing.assert_array_equal(got, want)
+        got = load_mask(path, foreground={"threshold": thr}).numpy()
+        u = np.unique(arr)
+        if len(u) == 1 or (len(u) == 2 and u[0] == 0):  # unambiguous: read automatically
+            np.testing.assert_array_equal(load_mask(path).numpy(), arr == u[-1] if u[-1] else arr > 0)
+        else:
+            with pytest.raises(ValueError, match=r"m\.png is ambiguous: values \["):
+                load_mask(path)
+    np.testing.assert_array_equal(got, arr > thr)
 
 
 @given(arr=arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 9), st.just(3))))
@@ -480,9 +487,15 @@ def test_load_image_png_round_trip(arr: np.ndarray) -> None:
 
 def test_binarise_mask_cases() -> None:
     assert binarise_mask(np.array([[0, 1]], dtype=np.uint8)).tolist() == [[False, True]]
-    assert binarise_mask(np.array([[3, 128, 250]], dtype=np.uint8)).tolist() == [[False, True, True]]
+    with pytest.raises(ValueError, match=r"ambiguous: values \[3, 128, 250\]"):
+        binarise_mask(np.array([[3, 128, 250]], dtype=np.uint8))
+    assert binarise_mask(np.array([[3, 128, 250]], dtype=np.uint8),
+                         {"threshold": 127}).tolist() == [[False, True, True]]
     assert binarise_mask(np.array([[0, 65535]], dtype=np.uint16)).tolist() == [[False, True]]
-    assert binarise_mask(np.array([[0.2, 0.7]], dtype=np.float32)).tolist() == [[False, True]]
+    with pytest.raises(ValueError, match="soft / probability mask"):
+        binarise_mask(np.array([[0.2, 0.7]], dtype=np.float32))
+    assert binarise_mask(np.array([[0.2, 0.7]], dtype=np.float32),
+                         {"threshold": 0.5}).tolist() == [[False, True]]
     with pytest.raises(ValueError, match="non-finite"):
         binarise_mask(np.array([[np.nan]]))
 

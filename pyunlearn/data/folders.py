@@ -15,7 +15,9 @@ from ._io import (
     find_id_column,
     format_ids,
     list_image_files,
+    match_masks,
     normalise_id,
+    parse_foreground,
     parse_int,
     read_csv,
     str_tuple,
@@ -54,8 +56,13 @@ class ImageMaskFolder(PairedImageMaskDataset):
 
     The mask of ``images/<stem>.<ext>`` is ``masks/<stem><suffix>.<ext2>`` for one of
     ``mask_suffixes`` and any of ``.png .jpg .jpeg .bmp .tif .tiff`` (case-insensitive); no match
-    or more than one match is a ``ValueError`` naming the image(s). Masks are binarised at > 127
-    (> 0 for 0/1 masks), so JPEG noise is tolerated. Non-image files are ignored.
+    or more than one match is a ``ValueError`` naming the image(s). Non-image files are ignored.
+
+    ``foreground`` says which mask pixels are foreground (see
+    :func:`pyunlearn.data._io.parse_foreground` and :func:`~pyunlearn.data._io.binarise_mask`):
+    ``None`` (default) reads unambiguous masks only ({0, m} for one m, bool, JPEG-noisy 0/255) and
+    raises ``ValueError`` naming the file and its values otherwise; ``[1, 2]`` picks values /
+    palette indices, ``[[255, 0, 0]]`` colours, ``{"threshold": 127}`` a cut-off.
 
     ``labels_csv`` (optional): an id column (``image``, ``image_id`` or ``isic_id``) and an integer
     ``label`` column; images without a row are dropped with a ``UserWarning``. Without it every
@@ -75,7 +82,9 @@ class ImageMaskFolder(PairedImageMaskDataset):
         size: int | tuple[int, int] | None = None,
         coarse_radius: int | None = None,
         coarse_mode: str = "dilate",
+        foreground: int | Sequence | dict | None = None,
     ) -> None:
+        self._foreground = parse_foreground(foreground)
         self._size = check_size(size)
         self._coarse_radius, self._coarse_mode = check_coarse(coarse_radius, coarse_mode)
         suffixes = str_tuple(mask_suffixes, name="mask_suffixes", allow_empty=False)
@@ -90,17 +99,7 @@ class ImageMaskFolder(PairedImageMaskDataset):
             raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {img_dir}")
         mask_files = list_image_files(msk_dir)
 
-        pairs: dict[str, Path] = {}
-        missing: list[str] = []
-        for stem in sorted(image_files):
-            found = [mask_files[stem + s] for s in suffixes if stem + s in mask_files]
-            if not found:
-                missing.append(stem)
-            elif len(found) > 1:
-                raise ValueError(f"image {image_files[stem]} matches several masks in {msk_dir}: "
-                                 f"{sorted(p.name for p in found)}")
-            else:
-                pairs[stem] = found[0]
+        pairs, missing, _ = match_masks(image_files, mask_files, suffixes, folder=msk_dir)
         if missing:
             raise ValueError(f"{len(missing)} image(s) in {img_dir} have no mask in {msk_dir} "
                              f"(tried suffixes {list(suffixes)}): {format_ids(missing)}")

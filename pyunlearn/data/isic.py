@@ -14,6 +14,8 @@ from ._io import (
     check_size,
     format_ids,
     list_image_files,
+    match_masks,
+    parse_foreground,
     read_binary_table,
     str_tuple,
     warn_dropped,
@@ -59,10 +61,23 @@ class ISIC2018(PairedImageMaskDataset):
     non-id columns). Relative CSV paths are looked up under ``root`` first, then from the cwd.
 
     Items: ``image`` float32 (3, H, W) in [0, 1] (bilinear resize to ``size``), ``fine`` bool
-    (H, W) (nearest resize; threshold > 127, or > 0 for 0/1 masks), ``coarse`` bool (H, W) only if
-    ``coarse_radius`` is given (``pyunlearn.masks.coarsen(fine, radius=coarse_radius,
-    mode=coarse_mode)`` at the output size), ``label`` int64 scalar, ``artefacts`` float32 (A,),
-    ``id`` str. ``size=None`` keeps native sizes (which then differ between images).
+    (H, W) (nearest resize), ``coarse`` bool (H, W) only if ``coarse_radius`` or ``coarse_dir`` is
+    given, ``has_fine`` bool scalar (always True: every ISIC image has a fine mask), ``label``
+    int64 scalar, ``artefacts`` float32 (A,), ``id`` str. ``size=None`` keeps native sizes (which
+    then differ between images).
+
+    Coarse masks are either simulated from the fine ones (``coarse_radius``:
+    ``pyunlearn.masks.coarsen(fine, radius=coarse_radius, mode=coarse_mode)`` at the output size)
+    or *given* (``coarse_dir``, a folder under ``root`` or an absolute path, holding
+    ``<id><suffix>.<ext>`` for one of ``coarse_suffixes`` per image; a missing one is a
+    ``ValueError`` at construction). Given coarse masks must cover the fine mask (checked per
+    item at native size, ``ValueError`` naming both files and the pixels outside). The two
+    options exclude each other.
+
+    ``foreground`` (default ``None``: automatic, strict) says which mask pixels are foreground, for
+    fine and coarse masks alike; see :func:`pyunlearn.data._io.parse_foreground`. The official
+    0/255 PNG masks read automatically; an ambiguous mask raises ``ValueError`` naming the file and
+    its values.
 
     Corrupt or truncated image/mask files are detected when an item is read and raise
     ``ValueError`` naming the file.
@@ -81,9 +96,17 @@ class ISIC2018(PairedImageMaskDataset):
         size: int | tuple[int, int] | None = (128, 128),
         coarse_radius: int | None = None,
         coarse_mode: str = "dilate",
+        coarse_dir: PathLike | None = None,
+        coarse_suffixes: Sequence[str] = ("_segmentation", "", "_coarse", "_mask"),
+        foreground: int | Sequence | dict | None = None,
     ) -> None:
+        self._foreground = parse_foreground(foreground)
         self._size = check_size(size)
         self._coarse_radius, self._coarse_mode = check_coarse(coarse_radius, coarse_mode)
+        if coarse_dir is not None and self._coarse_radius is not None:
+            raise ValueError("give coarse_dir (given coarse masks) or coarse_radius (simulated from "
+                             "the fine masks), not both")
+        coarse_sfx = str_tuple(coarse_suffixes, name="coarse_suffixes", allow_empty=False)
         positive = str_tuple(positive_classes, name="positive_classes", allow_empty=False)
         if artefact_columns is not None:
             if artefacts_csv is None:
@@ -93,6 +116,8 @@ class ISIC2018(PairedImageMaskDataset):
         root_p = check_dir(as_path(root, name="root"), what="ISIC root folder")
         img_dir = check_dir(root_p / as_path(image_dir, name="image_dir"), what="image folder")
         msk_dir = check_dir(root_p / as_path(mask_dir, name="mask_dir"), what="mask folder")
+        crs_dir = (None if coarse_dir is None else
+                   check_dir(root_p / as_path(coarse_dir, name="coarse_dir"), what="coarse mask folder"))
         labels_path = _resolve_file(root_p, labels_csv, name="labels_csv")
         artefacts_path = (None if artefacts_csv is None
                           else _resolve_file(root_p, artefacts_csv, name="artefacts_csv"))
@@ -138,3 +163,14 @@ class ISIC2018(PairedImageMaskDataset):
         self._labels = [max(label_table[i]) for i in kept]
         self._artefact_names = list(names)
         self._artefacts = [art_table[i] if art_table is not None else [] for i in kept]
+        if crs_dir is not None:
+            if crs_dir.resolve() in (msk_dir.resolve(), img_dir.resolve()):
+                raise ValueError(f"coarse_dir must be its own folder, not the image or mask folder: "
+                                 f"{crs_dir}")
+            coarse_pairs, no_coarse, _ = match_masks({i: images[i] for i in kept},
+                                                     list_image_files(crs_dir), coarse_sfx,
+                                                     folder=crs_dir, what="coarse mask")
+            if no_coarse:
+                raise ValueError(f"{len(no_coarse)} image(s) have no coarse mask in {crs_dir} "
+                                 f"(tried suffixes {list(coarse_sfx)}): {format_ids(no_coarse)}")
+            self._coarse_paths = [coarse_pairs[i] for i in kept]
