@@ -707,6 +707,10 @@ class Certificate:
     #: The part of ``delta`` that bounds the implemented sampler's distance to the ideal Gaussian
     #: (``pyunlearn.ops.rng.noise_tv_bound``); the analysis itself used ``delta - noise_delta``.
     noise_delta: float = 0.0
+    #: Parameters of the released model that the operator left untouched (frozen): the certificate covers
+    #: them only under the assumption that they never saw the private data (they are public). Empty when
+    #: the caller did not list them.
+    public_parameters: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, numbers.Real) \
@@ -721,7 +725,7 @@ class Certificate:
                 not all(isinstance(k, str) for k in self.hyperparameters):
             raise TypeError("Certificate.hyperparameters must be a dict with string keys, "
                             f"got {self.hyperparameters!r}")
-        for name in ("parameters", "assumptions", "not_covered"):
+        for name in ("parameters", "assumptions", "not_covered", "public_parameters"):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not all(isinstance(v, str) for v in value):
                 raise TypeError(f"Certificate.{name} must be a list of strings, got {value!r}")
@@ -777,6 +781,9 @@ class Certificate:
             text += f"; hyperparameters: {hp}"
         if self.noise_delta:
             text += f"; delta includes {self.noise_delta:.3g} for the sampler's distance to the ideal Gaussian"
+        if self.public_parameters:
+            k = len(self.public_parameters)
+            text += f"; {k} frozen parameter{'s' if k != 1 else ''} assumed public"
         if self.assumptions:
             text += "; assumes: " + "; ".join(self.assumptions)
         if self.not_covered:

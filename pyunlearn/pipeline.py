@@ -499,51 +499,33 @@ def run_config(path: str | Path, *, progress: bool = True) -> tuple[dict, Path]:
     The TOML file has a ``[data]`` table (``kind = "isic"`` with ``root`` and optional ``artefacts_csv``,
     or ``kind = "folder"`` with ``images``, ``masks`` and optional ``labels_csv``; ``size``; ``coarse_radius``;
     ``coarse_mode``), a ``[split]`` table (``public``, ``test`` fractions, ``seed``), an ``out`` path, and an
-    optional ``[pipeline]`` table overriding :class:`DemoConfig` fields. The public split trains the
-    frozen encoder; only it may be seen by the encoder.
+    optional ``[pipeline]`` table overriding :class:`DemoConfig` fields. Relative paths are relative to the
+    file. The whole file is checked first (:func:`pyunlearn.config.load_run_config`: unknown keys, types,
+    ranges, a writable ``out``), before any data is read. The public split trains the frozen encoder; only it
+    may be seen by the encoder.
     """
-    import tomllib
-
+    from .config import load_run_config
     from .data import ISIC2018, ImageMaskFolder
     from .masks import coarsen
     from .report import write_report
 
     path = Path(path)
-    with path.open("rb") as fh:
-        cfg = tomllib.load(fh)
-    for key in ("data", "out"):
-        if key not in cfg:
-            raise ValueError(f"{path}: missing required entry '{key}'")
-    data_cfg = dict(cfg["data"])
-    kind = data_cfg.pop("kind", None)
-    radius = data_cfg.pop("coarse_radius", 3)
-    mode = data_cfg.pop("coarse_mode", "dilate")
-    if kind == "isic":
-        dataset = ISIC2018(**data_cfg)
-    elif kind == "folder":
-        dataset = ImageMaskFolder(**data_cfg)
-    else:
-        raise ValueError(f"{path}: [data] kind must be 'isic' or 'folder', got {kind!r}")
-    known = {f.name for f in dataclasses.fields(DemoConfig)}
-    unknown = sorted(set(cfg.get("pipeline", {})) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown [pipeline] keys {unknown}")
-    config = DemoConfig(**cfg.get("pipeline", {}))
-    split = cfg.get("split", {})
-    seed = int(split.get("seed", 0))
+    run = load_run_config(path)
+    config, seed = run.pipeline, run.seed
+    dataset = (ISIC2018 if run.kind == "isic" else ImageMaskFolder)(**run.data)
     if bool((dataset.labels < 0).any()):
         raise ValueError(f"{path}: image-level labels are needed for the AUROC evaluation; give [data] "
                          "labels_csv (columns image,label) for kind = 'folder'")
     tensors = _stack_dataset(dataset, progress=progress)
     n = tensors["image"].shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_pub = int(round(float(split.get("public", 0.3)) * n))
-    n_test = int(round(float(split.get("test", 0.2)) * n))
+    n_pub = int(round(run.public * n))
+    n_test = int(round(run.test * n))
     if n_pub < 1 or n_test < 1 or n - n_pub - n_test < 2:
         raise ValueError(f"{path}: split leaves too few images (public {n_pub}, test {n_test}, total {n})")
     pub, test, priv = order[:n_pub], order[n_pub:n_pub + n_test], order[n_pub + n_test:]
     fine = tensors["fine"].bool()
-    coarse = coarsen(fine, radius=radius, mode=mode)
+    coarse = coarsen(fine, radius=run.coarse_radius, mode=run.coarse_mode)
     has_fine = torch.zeros(priv.numel(), dtype=torch.bool)
     has_fine[torch.randperm(priv.numel(), generator=torch.Generator().manual_seed(seed + 1))
              [:max(1, round(config.fine_fraction * priv.numel()))]] = True
@@ -559,11 +541,9 @@ def run_config(path: str | Path, *, progress: bool = True) -> tuple[dict, Path]:
                      eval_images=evalset.images)
     evalset.cache_features(model)
     methods, models = run_pipeline(model, data, evalset, config, seed=seed, oracle_data=oracle, progress=progress)
-    report = {"config": {**config.to_dict(), "source": str(path), "data": cfg["data"], "split": split,
+    split = run.raw.get("split", {})
+    report = {"config": {**config.to_dict(), "source": str(path), "data": run.raw["data"], "split": split,
                          "total_wall_s": time.perf_counter() - t0}, "methods": methods}
-    out = Path(cfg["out"])
-    if not out.is_absolute():
-        out = path.parent / out
     if _main_rank():
-        write_report(report, out, models=models, test=evalset)
-    return report, out
+        write_report(report, run.out, models=models, test=evalset)
+    return report, run.out
