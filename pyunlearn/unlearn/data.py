@@ -1,11 +1,14 @@
 """The retain and forget pixel sets of a segmentation data set with a fraction of fine masks."""
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .._validation import check_binary_mask, check_same_device, check_same_shape, check_tensor
+from ..checkpoint import data_identity
 
 __all__ = ["SegmentationUnlearningData"]
 
@@ -94,6 +97,37 @@ class SegmentationUnlearningData:
     def relabelled_target(self) -> torch.Tensor:
         """Coarse labels with the known forget pixels relabelled to background (fine labels where known)."""
         return torch.where(_per_image(self.has_fine, self.target), self.target, self.coarse)
+
+    # ------------------------------------------------------------------ what the operators read
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        """``(H, W)`` or ``(D, H, W)``."""
+        return tuple(self.target.shape[1:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def image_indices(self, pixels: str = "retain") -> torch.Tensor:
+        """Indices of the images with at least one ``"retain"`` / ``"forget"`` pixel, or of ``"all"`` images."""
+        if pixels == "all":
+            return torch.arange(len(self), device=self.device)
+        mask = {"retain": self.retain, "forget": self.forget}[pixels]
+        return mask.flatten(1).any(dim=1).nonzero().flatten()
+
+    def batch(self, index: torch.Tensor) -> "SegmentationUnlearningData":
+        """The images ``index`` (a 1-D index tensor) as a data set of their own."""
+        return SegmentationUnlearningData(images=self.images[index], target=self.target[index],
+                                          retain=self.retain[index], forget=self.forget[index],
+                                          coarse=self.coarse[index], has_fine=self.has_fine[index])
+
+    def batches(self, indices: Iterable[torch.Tensor]) -> Iterator["SegmentationUnlearningData"]:
+        """:meth:`batch` of each index tensor in turn."""
+        return (self.batch(index) for index in indices)
+
+    def identity(self, key: bytes) -> dict:
+        """Shapes and a keyed digest of every field (a checkpoint's data identity)."""
+        return data_identity({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, key)
 
 
 def _per_image(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

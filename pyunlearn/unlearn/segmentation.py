@@ -11,14 +11,15 @@ noisy phase's losses and evaluations are diagnostics, off by default (``diagnost
 outside it; see :mod:`pyunlearn.checkpoint`) is locked while the run uses it and deleted when the run
 succeeds, unless ``keep_checkpoints=True``.
 
-When the model's encoder is frozen (a public encoder), its features are computed once and only the
-decoder trains: the certified parameter set is exactly the trainable parameters.
+``data`` is a :class:`SegmentationUnlearningData` (in memory) or a :class:`StreamingSegmentationData` (read
+from a ``Dataset`` through a ``DataLoader`` a batch at a time; same batches, same result). The certified
+parameter set is exactly the trainable parameters. When the model's encoder is frozen (a public encoder),
+its features are computed once and kept within a memory budget, on disk, or not at all (``feature_cache``).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .. import certify, ops
 from .._validation import count, positive
-from ..checkpoint import (CheckpointError, RunLock, checkpoint_key, data_identity, load_checkpoint, model_identity,
+from ..checkpoint import (CheckpointError, RunLock, checkpoint_key, load_checkpoint, model_identity,
                           remove_checkpoint, save_checkpoint)
 from ..losses import LossFn, get_loss, masked_cross_entropy
 from ..optim import GradientClipping, ModelClipping
@@ -57,23 +58,92 @@ def _forward(fn, images: torch.Tensor):
                          f"{tuple(images.shape)}): {exc}") from exc
 
 
+#: Where a frozen encoder's features are kept (see :class:`~pyunlearn.unlearn.StreamingSegmentationData`).
+FEATURE_CACHES = ("auto", "memory", "disk", "none")
+
+
+def check_feature_cache(mode) -> str:
+    if mode not in FEATURE_CACHES:
+        raise ValueError(f"feature_cache must be one of {FEATURE_CACHES}, got {mode!r}")
+    return mode
+
+
 class _Inputs:
-    """Model inputs by index: cached encoder features when the encoder is frozen, images otherwise."""
+    """Model inputs of a batch. A model with a frozen encoder (``encoder_frozen`` and a ``decoder``) has its
+    encoder features computed once and kept (``data.feature_cache``: in memory, in a private temporary folder,
+    or not at all, then recomputed per batch without gradients); any other model gets the batch's images.
 
-    def __init__(self, model: nn.Module, images: torch.Tensor, chunk: int = 256):
+    NOTE: at 256^2 our EncoderDecoder(width=16) has 6 MiB of features per image (8x the image), so an
+    in-memory cache of an ISIC-sized data set (2,594 images) would take 15 GiB: ``"auto"`` keeps them only
+    when they fit ``data.feature_cache_bytes`` (default 1 GiB)."""
+
+    def __init__(self, model: nn.Module, data):
         self.model = model
-        self.cached = getattr(model, "encoder_frozen", False) and hasattr(model, "decoder")
-        if self.cached:
-            with torch.no_grad():
-                parts = [_forward(model.encoder, images[i:i + chunk]) for i in range(0, images.shape[0], chunk)]
-            self.features = tuple(torch.cat(level) for level in zip(*parts))
+        self.frozen_encoder = bool(getattr(model, "encoder_frozen", False)) and hasattr(model, "decoder")
+        self.features: Optional[tuple[torch.Tensor, ...]] = None
+        self._folder: Optional[str] = None
+        if not self.frozen_encoder:
+            return
+        mode = check_feature_cache(getattr(data, "feature_cache", "auto"))
+        budget = getattr(data, "feature_cache_bytes", 1 << 30)
+        n = len(data)
+        chunk = 256 if isinstance(data, SegmentationUnlearningData) else 32
+        if mode == "none":
+            return
+        order = data.image_indices("all")
+        spans = [order[i:i + chunk] for i in range(0, n, chunk)]
+        batches = data.batches(spans)
+        index, first = spans[0], self._encode(next(batches).images)
+        per_image = sum(f[0].numel() * f.element_size() for f in first)
+        if mode == "auto":
+            mode = "memory" if per_image * n <= budget else "none"
+        if mode == "none":
+            return
+        if mode == "memory":
+            store = [torch.empty((n, *f.shape[1:]), dtype=f.dtype, device=f.device) for f in first]
         else:
-            self.images = images
+            import tempfile
+            import weakref
 
-    def logits(self, index: torch.Tensor) -> torch.Tensor:
-        if self.cached:
-            return self.model.decoder(tuple(f[index] for f in self.features))
-        return _forward(self.model, self.images[index])
+            import numpy as np
+
+            self._folder = tempfile.mkdtemp(prefix="pyunlearn-features-")  # mode 0700
+            weakref.finalize(self, _remove_folder, self._folder)
+            store = [torch.from_numpy(np.lib.format.open_memmap(
+                f"{self._folder}/level{k}.npy", mode="w+", dtype=str(f.dtype).removeprefix("torch."),
+                shape=(n, *f.shape[1:]))) for k, f in enumerate(first)]
+        for level, f in zip(store, first):
+            level[index.to(level.device)] = f.to(level.device)
+        for index, batch in zip(spans[1:], batches):
+            for level, f in zip(store, self._encode(batch.images)):
+                level[index.to(level.device)] = f.to(level.device)
+        self.features = tuple(store)
+
+    def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return tuple(_forward(self.model.encoder, images))
+
+    def logits(self, batch: SegmentationUnlearningData, index: torch.Tensor) -> torch.Tensor:
+        """Logits of ``batch``, the images ``index`` of the data."""
+        if self.features is not None:
+            device = batch.target.device
+            return self.model.decoder(tuple(f[index.to(f.device)].to(device) for f in self.features))
+        if self.frozen_encoder:
+            return self.model.decoder(self._encode(batch.images))
+        return _forward(self.model, batch.images)
+
+    def close(self) -> None:
+        """Delete the on-disk feature cache, if any."""
+        self.features = None
+        if self._folder is not None:
+            _remove_folder(self._folder)
+            self._folder = None
+
+
+def _remove_folder(folder: str) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_certifiable(model: nn.Module, data: SegmentationUnlearningData) -> None:
@@ -157,15 +227,15 @@ def _check_loss(loss: torch.Tensor, step: int, method: str) -> None:
                          "and the model is unchanged from the previous step")
 
 
-def _retain_indices(data: SegmentationUnlearningData, mask: torch.Tensor, method: str = "") -> torch.Tensor:
-    idx = mask.flatten(1).any(dim=1).nonzero().flatten()
+def _retain_indices(data, pixels: str = "retain", method: str = "") -> torch.Tensor:
+    idx = data.image_indices(pixels)
     if idx.numel() == 0:
         raise ValueError(f"{method}: no image has any pixel to train on (empty retain set)")
     return idx
 
 
-def _retain_loss(logits, data, index):
-    return masked_cross_entropy(logits, data.target[index], data.retain[index])
+def _retain_loss(logits, batch):
+    return masked_cross_entropy(logits, batch.target, batch.retain)
 
 
 def _callable_name(fn) -> str:
@@ -202,8 +272,8 @@ def _retain_loss_of(loss: LossFn):
     if loss is masked_cross_entropy:
         return _retain_loss
 
-    def fn(logits, data, index):
-        return _pixel_loss(loss, logits, data.target[index], data.retain[index])
+    def fn(logits, batch):
+        return _pixel_loss(loss, logits, batch.target, batch.retain)
     return fn
 
 
@@ -273,10 +343,6 @@ class _Checkpoints:
                         identity=self.identity, key=self.key)
 
 
-def _data_tensors(data: SegmentationUnlearningData) -> dict[str, torch.Tensor]:
-    return {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
-
-
 def _checkpoints(path, every, *, method: str, model: nn.Module, data, hyper: dict, noise=None,
                  keep: bool = False) -> _Checkpoints:
     """The checkpoints of one run. Its identity: the method, every hyper-parameter, the noise (``"secret"``,
@@ -286,7 +352,7 @@ def _checkpoints(path, every, *, method: str, model: nn.Module, data, hyper: dic
         return _Checkpoints(None, every, {}, keep=keep)
     key = checkpoint_key(folder=Path(path).parent)
     identity = {"method": method, "hyperparameters": hyper, "noise": noise, "model": model_identity(model, key),
-                "data": data_identity(_data_tensors(data), key)}
+                "data": data.identity(key)}
     return _Checkpoints(path, every, identity, keep=keep, key=key)
 
 
@@ -307,7 +373,7 @@ def _average_gradients(optimizer: torch.optim.Optimizer, world: int) -> None:
 
 
 def _run(model: nn.Module, data: SegmentationUnlearningData, optimizer: torch.optim.Optimizer, *, steps: int,
-         batch_size: int, seed: int, method: str, loss_fn=_retain_loss, index_mask: Optional[torch.Tensor] = None,
+         batch_size: int, seed: int, method: str, loss_fn=_retain_loss, pixels: str = "retain",
          inputs: Optional[_Inputs] = None, eval_fn: Optional[EvalFn] = None, eval_every: int = 0,
          step_offset: int = 0, progress: bool = False, record: Optional[dict] = None,
          checkpoints: Optional[_Checkpoints] = None, phase: str = "main", extra: Optional[dict] = None) -> dict:
@@ -325,30 +391,36 @@ def _run(model: nn.Module, data: SegmentationUnlearningData, optimizer: torch.op
     if steps == 0:
         return record
     start = checkpoints.restore(phase, model, optimizer, record) if checkpoints else 0
-    inputs = inputs or _Inputs(model, data.images)
-    pool = _retain_indices(data, data.retain if index_mask is None else index_mask, method)
+    pool = _retain_indices(data, pixels, method)
     batch_size = min(batch_size, pool.numel())
     rank, world = _world()
     if world > batch_size:
         raise ValueError(f"{method}: batch_size {batch_size} is smaller than the {world} ranks")
-    model.train()
-    for step in tqdm(range(start, steps), desc=method, disable=not progress, leave=False, initial=start,
-                     total=steps):
-        index = batch_at(pool, batch_size, seed, step)
-        if world > 1:
-            index = index.tensor_split(world)[rank]
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(inputs.logits(index), data, index)
-        _check_loss(loss.detach(), step_offset + step, method)
-        loss.backward()
-        if world > 1:
-            _average_gradients(optimizer, world)
-        optimizer.step()
-        record["losses"].append(float(loss.detach()))
-        if eval_fn is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            record["trajectory"].append({"step": step_offset + step + 1, **_evaluate(eval_fn, model)})
-        if checkpoints and rank == 0:
-            checkpoints.after_step(phase, step + 1, steps, model, optimizer, record, extra)
+    indices = [batch_at(pool, batch_size, seed, step) for step in range(start, steps)]
+    if world > 1:
+        indices = [index.tensor_split(world)[rank] for index in indices]
+    own_inputs = inputs is None
+    inputs = inputs or _Inputs(model, data)
+    try:
+        model.train()
+        steps_and_batches = zip(range(start, steps), indices, data.batches(indices))
+        for step, index, batch in tqdm(steps_and_batches, desc=method, disable=not progress, leave=False,
+                                       initial=start, total=steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(inputs.logits(batch, index), batch)
+            _check_loss(loss.detach(), step_offset + step, method)
+            loss.backward()
+            if world > 1:
+                _average_gradients(optimizer, world)
+            optimizer.step()
+            record["losses"].append(float(loss.detach()))
+            if eval_fn is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+                record["trajectory"].append({"step": step_offset + step + 1, **_evaluate(eval_fn, model)})
+            if checkpoints and rank == 0:
+                checkpoints.after_step(phase, step + 1, steps, model, optimizer, record, extra)
+    finally:
+        if own_inputs:
+            inputs.close()
     model.eval()
     return record
 
@@ -391,10 +463,8 @@ def train_segmenter(model: nn.Module, data: SegmentationUnlearningData, *, targe
     t0 = time.perf_counter()
     loss_f, loss_name = _resolve_loss(loss)
     if target == "all":
-        everything = torch.ones_like(data.retain)
-
-        def loss_fn(logits, d, index):
-            return _pixel_loss(loss_f, logits, d.target[index], everything[index])
+        def loss_fn(logits, batch):
+            return _pixel_loss(loss_f, logits, batch.target, torch.ones_like(batch.retain))
     elif target == "retain":
         loss_fn = _retain_loss_of(loss_f)
     else:
@@ -406,7 +476,7 @@ def train_segmenter(model: nn.Module, data: SegmentationUnlearningData, *, targe
                       keep=keep_checkpoints)
     with ck:
         record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method=method,
-                      loss_fn=loss_fn, index_mask=torch.ones_like(data.retain) if target == "all" else None,
+                      loss_fn=loss_fn, pixels="all" if target == "all" else "retain",
                       progress=progress, checkpoints=ck)
     return model, _finish(record, method, t0, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                           loss=loss_name)
@@ -472,18 +542,15 @@ def relabel(model: nn.Module, data: SegmentationUnlearningData, *, steps: int = 
     t0 = time.perf_counter()
     loss_f, loss_name = _resolve_loss(loss)
     model = _start(model, inplace)
-    everything = torch.ones_like(data.retain)
-    relabelled = data.relabelled_target
-
-    def loss_fn(logits, d, index):
-        return _pixel_loss(loss_f, logits, relabelled[index], everything[index])
+    def loss_fn(logits, batch):
+        return _pixel_loss(loss_f, logits, batch.relabelled_target, torch.ones_like(batch.retain))
 
     hyper = dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed, loss=loss_name)
     ck = _checkpoints(checkpoint, checkpoint_every, method="relabel", model=model, data=data, hyper=hyper,
                       keep=keep_checkpoints)
     with ck:
         record = _run(model, data, _adam(model, lr), steps=steps, batch_size=batch_size, seed=seed, method="relabel",
-                      loss_fn=loss_fn, index_mask=everything, eval_fn=eval_fn, eval_every=eval_every,
+                      loss_fn=loss_fn, pixels="all", eval_fn=eval_fn, eval_every=eval_every,
                       progress=progress, checkpoints=ck)
     return model, _finish(record, "relabel", t0, **hyper)
 
@@ -500,9 +567,9 @@ def neggrad_seg(model: nn.Module, data: SegmentationUnlearningData, *, beta: flo
     loss_f, loss_name = _resolve_loss(loss)
     model = _start(model, inplace)
 
-    def loss_fn(logits, d, index):
-        keep = _pixel_loss(loss_f, logits, d.target[index], d.retain[index])
-        forget = _pixel_loss(loss_f, logits, d.coarse[index], d.forget[index])
+    def loss_fn(logits, batch):
+        keep = _pixel_loss(loss_f, logits, batch.target, batch.retain)
+        forget = _pixel_loss(loss_f, logits, batch.coarse, batch.forget)
         return beta * keep - (1.0 - beta) * forget
 
     hyper = dict(beta=beta, steps=steps, lr=lr, batch_size=batch_size, seed=seed, loss=loss_name)
@@ -538,37 +605,41 @@ def _precheck(model: nn.Module, data: SegmentationUnlearningData, *, method: str
         raise TypeError(f"eval_fn must be callable or None, got {type(eval_fn).__name__}")
     _check_certifiable(model, data)
     _trainable(model)
-    pool = _retain_indices(data, data.retain, method)
+    pool = _retain_indices(data, "retain", method)
     _, world = _world()
     if world > min(batch_size, pool.numel()):
         raise ValueError(f"{method}: batch_size {min(batch_size, pool.numel())} is smaller than the {world} ranks")
-    inputs = _Inputs(model, data.images)
-    _probe(model, inputs, data, method, loss)
+    inputs = _Inputs(model, data)
+    try:
+        _probe(model, inputs, data, pool[:1], method, loss)
+    except BaseException:
+        inputs.close()
+        raise
     return inputs
 
 
-def _probe(model: nn.Module, inputs: _Inputs, data: SegmentationUnlearningData, method: str,
+def _probe(model: nn.Module, inputs: _Inputs, data, index: torch.Tensor, method: str,
            loss: LossFn = masked_cross_entropy) -> None:
     """One forward pass on one image, without gradients and in eval mode (so no running statistics move;
     the modes are restored): a model that does not take the data, or a loss that does not take its logits
     (or does not give a scalar), fails here."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    index = torch.zeros(1, dtype=torch.long, device=data.images.device)
+    batch = data.batch(index)
     try:
         with torch.no_grad():
-            logits = inputs.logits(index)
+            logits = inputs.logits(batch, index)
     finally:
         for m, mode in modes.items():
             m.training = mode
-    spatial = tuple(data.target.shape[1:])
+    spatial = tuple(batch.target.shape[1:])
     if logits.dim() != 2 + len(spatial) or tuple(logits.shape[2:]) != spatial:
         expected = ", ".join(map(str, spatial))
         raise ValueError(f"{method}: the model maps data.images to logits of shape {tuple(logits.shape)}; expected "
                          f"(B, K, {expected}) to match data.target")
     try:
         with torch.no_grad():
-            _pixel_loss(loss, logits, data.target[index], data.retain[index])
+            _pixel_loss(loss, logits, batch.target, batch.retain)
     except ValueError as exc:
         raise ValueError(f"{method}: {exc}") from exc
 
@@ -620,7 +691,7 @@ def _certified_run(model, data, optimizer_cls, optimizer_kwargs, *, method, nois
     ck = _checkpoints(checkpoint, checkpoint_every, method=method, model=model, data=data, hyper=hyper,
                       noise=_certified_identity_noise(noise_seed), keep=keep_checkpoints)
     evaluating = eval_fn is not None and eval_every > 0
-    with ck, _unchanged_on_failure(model):
+    with ck, _unchanged_on_failure(model), contextlib.closing(inputs):
         # NOTE: the optimizer is built before any checkpoint is restored: its constructor projects (and for
         # model clipping perturbs) the parameters, which the restored state then overwrites.
         optimizer = optimizer_cls(named, steps=steps, seed=noise_seed, **optimizer_kwargs)
@@ -745,7 +816,7 @@ def output_perturbation(model: nn.Module, data: SegmentationUnlearningData, *, e
     seeded = noise_seed is not None
     key = noise_key(noise_seed if seeded else None, "output_perturbation")
     record = {"losses": [], "trajectory": []}
-    with _unchanged_on_failure(model):
+    with _unchanged_on_failure(model), contextlib.closing(inputs):
         with torch.no_grad():
             project_(params, c0)
             ops.add_noise_(params, sigma=sigma0, key=key, step=0, stream=STREAM_INIT)
