@@ -27,6 +27,7 @@ __all__ = [
     "PairedImageMaskDataset",
     "Threshold",
     "binarise_mask",
+    "binarise_values",
     "list_image_files",
     "load_image",
     "load_mask",
@@ -470,6 +471,22 @@ def binarise_mask(arr: np.ndarray, foreground: Any = None, *, source: str = "mas
                      "(a pixel is foreground if any channel exceeds it)")
 
 
+def binarise_values(arr: np.ndarray, foreground: Any = None, *, source: str = "mask") -> np.ndarray:
+    """A single-channel mask of any dimensionality (e.g. a 3-D volume) -> bool, by the rules of
+    :func:`binarise_mask` for single-channel masks (no colours, no JPEG tolerance)."""
+    rule = parse_foreground(foreground)
+    arr = np.asarray(arr)
+    if arr.dtype == np.bool_:
+        return arr.copy() if rule.kind == "auto" else _binarise_grey(
+            arr.astype(np.uint8), rule, source=source, lossy=False, palette=False)
+    if arr.dtype.kind not in "uif":
+        raise TypeError(f"{source}: unsupported mask dtype {arr.dtype}")
+    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        raise ValueError(f"{source} contains {int((~np.isfinite(arr)).sum())} non-finite value(s) "
+                         "(NaN/inf)")
+    return _binarise_grey(arr, rule, source=source, lossy=False, palette=False)
+
+
 def _mask_pixels(img: Image.Image) -> np.ndarray:
     """A decoded mask image as an array without losing information: indices for palette images,
     native bit depth for 16/32-bit and float images, channels kept (alpha included)."""
@@ -567,7 +584,11 @@ def find_id_column(columns: Sequence[str], *, path: Path, what: str,
 
 
 def normalise_id(value: str) -> str:
-    """Strip a trailing image extension (``ISIC_0000000.jpg`` -> ``ISIC_0000000``)."""
+    """Strip a trailing image or NIfTI extension (``ISIC_0000000.jpg`` -> ``ISIC_0000000``,
+    ``case_01.nii.gz`` -> ``case_01``)."""
+    for ext in (".nii.gz", ".nii"):
+        if value.lower().endswith(ext) and len(value) > len(ext):
+            return value[: -len(ext)]
     root, ext = os.path.splitext(value)
     return root if ext.lower() in IMAGE_EXTENSIONS else value
 
