@@ -188,3 +188,19 @@ def test_binary_models_train_with_every_named_loss(loss):
     out, record = segmentation.gradient_clipping(make_model(k=1), make_data(), loss=loss, **COMMON,
                                                  **OPERATORS["gradient_clipping"][1])
     assert record["hyperparameters"]["loss"] == loss and len(record["losses"]) == 2
+
+
+def test_psg_segmentation_takes_loss():
+    from pyunlearn.unlearn import psg_segmentation
+
+    data = make_data()
+    kw = dict(steps=2, inner_steps=1, batch_size=3, clip_range=None)
+    with pytest.raises(ValueError, match="unknown loss 'dicee'"):
+        psg_segmentation(make_model(), data, loss="dicee", **kw)
+    spy = Spy()
+    _, record = psg_segmentation(make_model(), data, loss=spy, **kw)
+    assert len([c for c in spy.calls if c[2]]) == 2 * 2, "forget and retain terms of every step"
+    ce, record_ce = psg_segmentation(make_model(), data, **kw)
+    dice, record_dice = psg_segmentation(make_model(), data, loss="dice", **kw)
+    assert (record_ce["loss"], record_dice["loss"]) == ("ce", "dice")
+    assert not same(state(ce), state(dice)), "another loss trains differently"

@@ -459,6 +459,9 @@ _SEG_FIELDS = ("images", "target", "retain", "forget", "coarse")
 
 def _seg_data(data, model: nn.Module) -> dict[str, Tensor]:
     """Read and check the duck-typed fields of a ``SegmentationUnlearningData``."""
+    if type(data).__name__ == "StreamingSegmentationData":
+        raise TypeError("psg_segmentation needs in-memory data (it keeps every forget image's new labels): pass a "
+                        "SegmentationUnlearningData, e.g. data.batch(indices) of the images to use")
     missing = [f for f in _SEG_FIELDS if not hasattr(data, f)]
     if missing:
         raise TypeError(f"data must have the fields {_SEG_FIELDS} (a SegmentationUnlearningData); "
@@ -519,6 +522,7 @@ def psg_segmentation(
     optimizer: str = "adam",
     seed: int = 0,
     inplace: bool = False,
+    loss="ce",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Pixel-level PSG: relabel forget pixels to the original model's prediction at a boundary point.
 
@@ -534,8 +538,9 @@ def psg_segmentation(
     forget pixel gets the original model's label at ``x'`` (binary: ``sigmoid > 0.5``;
     ``stayed_true="runner_up"``: the other class where it stays on the coarse label — the "Relabel"
     baseline for binary models). Outer loop, ``steps`` mini-batches of ``batch_size`` images:
-    ``masked_cross_entropy(forget pixels, new labels) + remain_weight · masked_cross_entropy(retain
-    pixels, target)``; forget pixels that ``retain`` also holds (a fine-labelled image's retain set is
+    ``loss(forget pixels, new labels) + remain_weight · loss(retain pixels, target)`` with ``loss`` a name
+    (``"ce"``, the default, ``"dice"``, ``"dice_ce"``, ``"focal"``) or a callable
+    (:func:`pyunlearn.losses.get_loss`); the inner attack always ascends the cross-entropy; forget pixels that ``retain`` also holds (a fine-labelled image's retain set is
     every pixel) are left out of the retain term. Parameters with ``requires_grad=False`` (a frozen
     encoder) stay untouched.
 
@@ -543,9 +548,11 @@ def psg_segmentation(
     their coarse label), ``relabel_stayed_true_rate`` (over all pixel visits), ``forget_pixels``,
     ``inner_steps_taken_mean/max`` (per image) and the hyper-parameters and ``wall_s``.
     """
-    from ..losses import masked_cross_entropy
+    from ..losses import get_loss, masked_cross_entropy
 
     start = time.perf_counter()
+    outer_loss = get_loss(loss)
+    loss_name = loss if isinstance(loss, str) else getattr(loss, "__qualname__", repr(loss))
     epsilon, gamma, lam, kappa, rng = _check_inner(epsilon, gamma, lam, inner_steps, kappa, grad_scale,
                                                    stayed_true, clip_range)
     count(steps, "steps", minimum=0)
@@ -628,10 +635,10 @@ def psg_segmentation(
         stayed_visits += int(((lab == coarse[idx]) & fmask).sum())
         tgt = torch.where(fmask, lab.clamp_min(0), target[idx])
         logits = net(images[idx])
-        loss_f = masked_cross_entropy(logits, tgt, fmask)
+        loss_f = outer_loss(logits, tgt, fmask, reduction="mean")
         loss = loss_f
         if remain_weight > 0:
-            loss_r = masked_cross_entropy(logits, tgt, retain[idx])
+            loss_r = outer_loss(logits, tgt, retain[idx], reduction="mean")
             loss = loss_f + remain_weight * loss_r
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -642,6 +649,7 @@ def psg_segmentation(
               "inner_steps": inner_steps, "kappa": kappa, "remain_weight": remain_weight,
               "stayed_true": stayed_true, "grad_scale": grad_scale, "clip_range": rng, "steps": steps, "lr": lr,
               "batch_size": batch_size, "weight_decay": weight_decay, "optimizer": optimizer, "seed": seed,
+              "loss": loss_name,
               "num_classes": int(k), "forget_pixels": int(forget.sum()), "forget_images": int(fidx.numel()),
               "relabelled_pixels": int(seen.sum()),
               "relabel_stayed_true": int(((new_labels == coarse) & seen).sum()),
