@@ -278,3 +278,15 @@ def test_isic_given_coarse_masks(tmp_path: Path) -> None:
     (cdir / f"{isic_id(0)}_coarse.png").unlink()
     with pytest.warns(UserWarning), pytest.raises(ValueError, match=rf"no coarse mask .*{isic_id(0)}"):
         ISIC2018(root, coarse_dir="coarse")
+
+
+def test_a_mask_claimed_by_two_images_is_an_error(tmp_path: Path) -> None:
+    for d in ("images", "coarse"):
+        (tmp_path / d).mkdir()
+    for stem in ("a", "a_mask"):
+        Image.new("RGB", (W, H)).save(tmp_path / "images" / f"{stem}.png")
+    Image.new("L", (W, H)).save(tmp_path / "coarse" / "a_mask.png")  # 'a' + '_mask' and 'a_mask' + ''
+    with pytest.raises(ValueError, match=r"coarse mask file .*a_mask\.png matches two images, 'a' and 'a_mask'"):
+        CoarseFineFolder(tmp_path / "images", tmp_path / "coarse")
+    with pytest.raises(ValueError, match=r"have no coarse mask .*'a'"):  # without '_mask', 'a' has none
+        CoarseFineFolder(tmp_path / "images", tmp_path / "coarse", mask_suffixes=("",))
