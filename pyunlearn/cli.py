@@ -218,7 +218,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         result = run_unlearn(args.config, progress=not args.no_progress)
         if _is_main_rank():
             print(result["summary"])
-        return 0
+        return 0 if result["released"] else 1
     if args.command == "classify-demo":
         from . import classify_demo
 

@@ -294,9 +294,10 @@ def demo_config_spec() -> dict[str, Key]:
     return spec
 
 
-#: Segmentation operators a ``pyunlearn unlearn`` file may name.
+#: Segmentation operators a ``pyunlearn unlearn`` file may name (the job streams its data; psg_segmentation
+#: needs the data in memory, so it is not offered).
 SEGMENTATION_OPERATORS = ("gradient_clipping", "model_clipping", "output_perturbation", "finetune", "neggrad_seg",
-                          "relabel", "retrain", "psg_segmentation")
+                          "relabel", "retrain")
 #: Operator arguments the job sets itself.
 _JOB_ARGUMENTS = ("model", "data", "eval_fn", "eval_every", "inplace", "progress")
 _OPERATOR_RULES = {
@@ -492,8 +493,9 @@ def _unlearn_data_spec(kind: str) -> tuple[dict[str, Key], dict[str, bool]]:
         from .data import ISIC2018
 
         paths = {"root": True}
-        spec = _signature_spec(ISIC2018, paths=("root", "image_dir", "mask_dir", "labels_csv", "artefacts_csv"))
-        spec["coarse_radius"] = Key("int", required=True, rule=AT_LEAST_ONE)
+        spec = _signature_spec(ISIC2018, paths=("root", "image_dir", "mask_dir", "labels_csv", "artefacts_csv",
+                                                "coarse_dir"))
+        spec["coarse_radius"] = Key("int", rule=AT_LEAST_ONE)
         spec["coarse_mode"] = Key("str", choices=tuple(COARSE_MODES))
     return {**spec, "kind": Key("str", required=True)}, paths
 
@@ -552,6 +554,9 @@ def load_unlearn_config(path: str | Path) -> UnlearnConfig:
     dspec, paths = _unlearn_data_spec(kind)
     data = _check_data_paths(file, "data", check_table(file, "data", top["data"], dspec), paths, base)
     data.pop("kind")
+    if kind == "isic" and ("coarse_radius" in data) == ("coarse_dir" in data):
+        raise ConfigError(f"{file}: [data] kind = 'isic' needs exactly one of coarse_dir (your coarse masks) or "
+                          "coarse_radius (coarse masks simulated by dilating the fine ones)")
     split = check_table(file, "split", top.get("split", {}), _SPLIT_UNLEARN)
     evaluation = check_table(file, "evaluation", top.get("evaluation", {}), _EVAL_SPEC)
     out = check_writable_dir(_resolve(base, top["out"]), what=f"{file}: out")
