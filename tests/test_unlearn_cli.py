@@ -37,6 +37,12 @@ def tiny(**kwargs):
     return Tiny(**kwargs)
 
 
+def tiny_bn(**kwargs):
+    model = Tiny(**kwargs)
+    model.body.insert(1, nn.BatchNorm2d(model.head.in_channels))
+    return model
+
+
 NOT_CALLABLE = 3
 '''
 
@@ -123,7 +129,7 @@ def toml_value(v):
 
 def write_config(tmp_path, folder, *, model, unlearn=None, data=None, split=None, top=None):
     tables = {"model": model, "unlearn": unlearn or GC,
-              "data": data or dict(kind="folder", images=str(folder / "images"), coarse=str(folder / "coarse"),
+              "data": data if data is not None else dict(kind="folder", images=str(folder / "images"), coarse=str(folder / "coarse"),
                                    fine=str(folder / "fine"), labels_csv=str(folder / "labels.csv"),
                                    artefacts_csv=str(folder / "artefacts.csv")),
               "split": split or dict(test=0.5, seed=0)}
@@ -255,6 +261,43 @@ def test_a_dead_result_is_reported_dead_and_not_released(tmp_path, folder, model
     assert report["after"] == {"status": "dead", "reason": report["after"]["reason"]}
     assert "constant output" in report["after"]["reason"] and report["before"]["status"] == "ok"
     assert not (out / "unlearned.pt").exists() and "is dead" in (out / "report.md").read_text()
+
+
+def test_batchnorm_is_refused_unless_replaced(tmp_path, folder, models):
+    torch.manual_seed(0)
+    net = coarse_model(models.tiny_bn(), folder)
+    torch.save(net.state_dict(), tmp_path / "bn.pt")
+    model = dict(factory="mymodels:tiny_bn", weights="bn.pt", certify=["head.*"])
+    config = write_config(tmp_path, folder, model=model)
+    with pytest.raises(ValueError, match=r"BatchNorm2d\) is frozen but model\.train\(\) puts it in training mode"):
+        main(["unlearn", str(config), "--no-progress"])
+    config = write_config(tmp_path, folder, model={**model, "replace_batchnorm": True})
+    assert main(["unlearn", str(config), "--no-progress"]) == 0
+    out = tmp_path / "runs" / "unlearned"
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["model"]["converted"] and "GroupNorm" in (out / "report.md").read_text()
+    state = torch.load(out / "unlearned.pt", weights_only=True)
+    assert "body.1.running_mean" not in state and torch.equal(state["body.0.weight"], net.state_dict()["body.0.weight"])
+
+
+def test_unlearn_on_isic(tmp_path, models):
+    from fixtures_isic import make_isic_folder
+
+    root = make_isic_folder(tmp_path / "isic", n=12, size=(24, 24), seed=1)
+    torch.manual_seed(0)
+    torch.save(models.tiny().state_dict(), tmp_path / "w.pt")
+    config = write_config(tmp_path, None, model=dict(factory="mymodels:tiny", weights="w.pt", certify=["head.*"]),
+                          unlearn={**GC, "steps": 2, "finetune_steps": 1},
+                          data=dict(kind="isic", root=str(root), artefacts_csv="isic2018_artefacts.csv",
+                                    positive_classes=["MEL", "NV"], size=16, coarse_radius=1))
+    with pytest.warns(UserWarning, match="dropped 1 of 12 images"):
+        assert main(["unlearn", str(config), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "runs" / "unlearned" / "report.json").read_text())
+    assert report["before"]["n_fine"] == report["config"]["split"]["n_test"]  # every ISIC image has a fine mask
+    bad = write_config(tmp_path, None, model=dict(factory="mymodels:tiny", weights="w.pt", certify=["head.*"]),
+                       data=dict(kind="isic", root=str(root)))
+    with pytest.raises(ConfigError, match=r"\[data\] kind = 'isic' needs exactly one of coarse_dir"):
+        main(["unlearn", str(bad), "--no-progress"])
 
 
 # ------------------------------------------------------------------ errors before any work
