@@ -13,6 +13,33 @@ held-out evaluation split, evaluate the model, run the operator, evaluate the re
 
 Data is read through DataLoaders a batch at a time (the operators through
 :class:`pyunlearn.unlearn.StreamingSegmentationData`), never stacked whole.
+
+A configuration (relative paths are relative to the file)::
+
+    out = "runs/unlearned"
+    [model]
+    factory = "monai.networks.nets:UNet"       # "package.module:callable"
+    kwargs = { spatial_dims = 2, in_channels = 3, out_channels = 2, channels = [16, 32, 64], strides = [2, 2] }
+    weights = "coarse_model.pt"                # a state dict (torch.load(weights_only=True))
+    certify = ["model.2.*"]                     # fnmatch patterns: the certified parameters; the rest is frozen
+    output = 0                                  # optional: selects the logits of a tuple/list (int) or dict (str)
+    replace_batchnorm = false                   # optional: BatchNorm -> GroupNorm before unlearning
+    [unlearn]
+    operator = "gradient_clipping"              # see pyunlearn.config.SEGMENTATION_OPERATORS
+    epsilon = 1.0
+    delta = 1e-5
+    loss = "dice_ce"                            # any other keyword argument of the operator
+    [data]
+    kind = "folder"                             # CoarseFineFolder's arguments; or "isic" with ISIC2018's
+    images = "data/images"
+    coarse = "data/coarse"
+    fine = "data/fine"
+    labels_csv = "data/labels.csv"
+    [split]
+    test = 0.2                                  # held-out evaluation split
+    seed = 0
+    [evaluation]
+    batch_size = 16                             # optional: evaluation batches
 """
 from __future__ import annotations
 
@@ -28,7 +55,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 from .certify import Certificate
-from .config import UnlearnConfig, load_unlearn_config, operator_function
+from .config import ConfigError, UnlearnConfig, load_unlearn_config, operator_function
 from .user_model import UserModel, build_user_model, select_output
 
 __all__ = ["evaluate_stream", "run_unlearn", "unlearning_data"]
@@ -238,8 +265,12 @@ def run_unlearn(path: str | Path, *, progress: bool = True) -> dict:
     """Run ``pyunlearn unlearn CONFIG.toml``; returns ``{"report", "out", "released", "summary"}``."""
     path = Path(path)
     cfg = load_unlearn_config(path)  # everything checked before any data is read
-    user = build_user_model(factory=cfg.factory_fn, kwargs=cfg.kwargs, weights=cfg.weights, certify=cfg.certify,
-                            output=cfg.output, replace_batchnorm=cfg.replace_batchnorm, where=f"{path}: [model] ")
+    try:
+        user = build_user_model(factory=cfg.factory_fn, kwargs=cfg.kwargs, weights=cfg.weights, certify=cfg.certify,
+                                output=cfg.output, replace_batchnorm=cfg.replace_batchnorm,
+                                where=f"{path}: [model] ")
+    except (ValueError, TypeError) as exc:  # the model does not fit its configuration: still before any data
+        raise ConfigError(str(exc)) from exc
     dataset = _dataset(cfg)
     train_idx, test_idx = _split(len(dataset), cfg.test, cfg.seed, where=f"{path}: ")
     test_set, train_set = Subset(dataset, test_idx), Subset(dataset, train_idx)
