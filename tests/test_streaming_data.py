@@ -209,3 +209,35 @@ def test_resume_binds_the_streamed_data(tmp_path, monkeypatch):
     other = StreamingSegmentationData(ItemDataset(images, coarse, fine, has_fine))
     with pytest.raises(unlearn.segmentation.CheckpointError, match="different run; differing entries.*data"):
         unlearn.finetune(_small_net(), other, steps=4, batch_size=4, checkpoint=path, checkpoint_every=2)
+
+
+def test_nifti_volumes_stream_into_a_3d_monai_unet(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    import numpy as np
+
+    from pyunlearn.data import NiftiFolder
+
+    shape = (8, 8, 8)
+    for sub in ("images", "coarse", "fine"):
+        (tmp_path / sub).mkdir()
+    g = np.random.default_rng(0)
+    for i in range(4):
+        fine = np.zeros(shape, dtype=np.uint8)
+        fine[2:5, 2 + i % 2:5, 3:6] = 1
+        coarse = np.zeros(shape, dtype=np.uint8)
+        coarse[1:6, 1:7, 2:7] = 1
+        nib.Nifti1Image(g.random(shape).astype(np.float32) + fine, np.eye(4)).to_filename(
+            str(tmp_path / "images" / f"v{i}.nii.gz"))
+        nib.Nifti1Image(coarse, np.eye(4)).to_filename(str(tmp_path / "coarse" / f"v{i}.nii.gz"))
+        if i % 2 == 0:
+            nib.Nifti1Image(fine, np.eye(4)).to_filename(str(tmp_path / "fine" / f"v{i}.nii.gz"))
+    data = StreamingSegmentationData(NiftiFolder(tmp_path / "images", tmp_path / "coarse", tmp_path / "fine"))
+    assert data.image_shape == (1, *shape) and data.has_fine.tolist() == [True, False, True, False]
+    torch.manual_seed(0)
+    net = monai_nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,),
+                          num_res_units=0)
+    out, record = unlearn.gradient_clipping(net, data, epsilon=1.0, delta=1e-5, steps=2, finetune_steps=1,
+                                            batch_size=2, loss="dice_ce", noise_seed=1)
+    assert 0.99 < record["certificate"]["epsilon"] <= 1.0 and len(record["losses"]) == 1
+    assert not all(torch.equal(a, b) for a, b in zip(out.parameters(), net.parameters()))
