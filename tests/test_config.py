@@ -195,3 +195,20 @@ def test_int_is_taken_for_a_float_nothing_else():
     for bad in ("2", True, [2.0], math.inf):
         with pytest.raises(ConfigError, match=r"f: \[t\] x must be a"):
             cfg.check_table("f", "t", {"x": bad}, spec)
+
+
+def test_range_rules_name_only_existing_fields():
+    assert set(cfg._demo_rules()) <= {f.name for f in dataclasses.fields(DemoConfig)}
+
+
+def test_operator_spec_follows_the_signature():
+    import inspect
+
+    from pyunlearn.unlearn import segmentation
+
+    for name in cfg.SEGMENTATION_OPERATORS:
+        spec = cfg.operator_spec(name)
+        params = inspect.signature(getattr(segmentation, name)).parameters
+        assert set(spec) == {p for p in params if p not in ("model", "data", "eval_fn", "eval_every", "inplace",
+                                                            "progress")}, name
+        assert all(k.kind != "any" for k in spec.values()), name
