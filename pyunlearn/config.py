@@ -477,18 +477,13 @@ _EVAL_SPEC = {"batch_size": Key("int", rule=AT_LEAST_ONE)}
 def _unlearn_data_spec(kind: str) -> tuple[dict[str, Key], dict[str, bool]]:
     from .data._io import COARSE_MODES
 
-    if kind == "folder":
+    if kind in ("folder", "nifti"):
+        from .data import CoarseFineFolder, NiftiFolder
+
         paths = {"images": True, "coarse": True, "fine": True, "labels_csv": False, "artefacts_csv": False}
-        try:
-            from .data import CoarseFineFolder
-        except ImportError:  # the loader is not there yet: its documented arguments
-            spec = {"images": Key("path", required=True), "coarse": Key("path", required=True),
-                    "fine": Key("path"), "labels_csv": Key("path"), "artefacts_csv": Key("path"),
-                    "foreground": Key("any"), "size": Key("size")}
-        else:
-            spec = _signature_spec(CoarseFineFolder, paths=tuple(paths))
-            if "foreground" in spec:
-                spec["foreground"] = Key("any")
+        spec = _signature_spec(CoarseFineFolder if kind == "folder" else NiftiFolder, paths=tuple(paths))
+        if "foreground" in spec:
+            spec["foreground"] = Key("any")
     else:
         from .data import ISIC2018
 
@@ -549,8 +544,8 @@ def load_unlearn_config(path: str | Path) -> UnlearnConfig:
         op_kwargs["checkpoint"] = str(ckpt)
 
     kind = top["data"].get("kind")
-    if kind not in ("isic", "folder"):
-        raise ConfigError(f"{file}: [data] kind must be 'isic' or 'folder', got {kind!r}")
+    if kind not in ("isic", "folder", "nifti"):
+        raise ConfigError(f"{file}: [data] kind must be 'isic', 'folder' or 'nifti', got {kind!r}")
     dspec, paths = _unlearn_data_spec(kind)
     data = _check_data_paths(file, "data", check_table(file, "data", top["data"], dspec), paths, base)
     data.pop("kind")

@@ -30,7 +30,8 @@ A configuration (relative paths are relative to the file)::
     delta = 1e-5
     loss = "dice_ce"                            # any other keyword argument of the operator
     [data]
-    kind = "folder"                             # CoarseFineFolder's arguments; or "isic" with ISIC2018's
+    kind = "folder"                             # CoarseFineFolder's arguments; "nifti": NiftiFolder's (3-D
+                                                # volumes, same keys); or "isic" with ISIC2018's
     images = "data/images"
     coarse = "data/coarse"
     fine = "data/fine"
@@ -67,9 +68,8 @@ _METRICS = (("dice", "Dice (fine masks)"), ("auroc", "AUROC (pooled score)"),
 def _dataset(cfg: UnlearnConfig):
     from . import data
 
-    if cfg.kind == "folder":
-        return data.CoarseFineFolder(**cfg.data)
-    return data.ISIC2018(**cfg.data)
+    loader = {"folder": data.CoarseFineFolder, "nifti": data.NiftiFolder, "isic": data.ISIC2018}[cfg.kind]
+    return loader(**cfg.data)
 
 
 def _split(n: int, test: float, seed: int, *, where: str) -> tuple[list[int], list[int]]:

@@ -378,3 +378,41 @@ def test_missing_tables_and_top_level_keys(tmp_path, no_work):
     '''))
     with pytest.raises(ConfigError, match=r"unlearn\.toml: missing required entry 'unlearn'"):
         main(["unlearn", str(path)])
+
+
+def test_unlearn_a_3d_monai_unet_on_nifti_volumes(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    from monai.networks.nets import UNet
+
+    root = tmp_path / "vols"
+    for sub in ("images", "coarse", "fine"):
+        (root / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    shape = (8, 8, 8)
+    for i in range(6):
+        fine = np.zeros(shape, dtype=np.uint8)
+        fine[2:5, 2 + i % 3:5 + i % 3, 2:5] = 1
+        coarse = np.zeros(shape, dtype=np.uint8)
+        coarse[1:7, 1:8, 1:7] = 1
+        nib.Nifti1Image(rng.random(shape).astype(np.float32) + fine, np.eye(4)).to_filename(
+            str(root / "images" / f"v{i}.nii.gz"))
+        nib.Nifti1Image(coarse, np.eye(4)).to_filename(str(root / "coarse" / f"v{i}.nii.gz"))
+        if i < 4:
+            nib.Nifti1Image(fine, np.eye(4)).to_filename(str(root / "fine" / f"v{i}.nii.gz"))
+    kwargs = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8], strides=[2], num_res_units=0)
+    torch.manual_seed(0)
+    torch.save(UNet(**kwargs).state_dict(), tmp_path / "unet3d.pt")
+    config = write_config(tmp_path, None, model=dict(factory="monai.networks.nets:UNet", kwargs=kwargs,
+                                                      weights="unet3d.pt", certify=["*"]),
+                          unlearn=dict(GC, batch_size=2, steps=2, finetune_steps=1),
+                          data=dict(kind="nifti", images=str(root / "images"), coarse=str(root / "coarse"),
+                                    fine=str(root / "fine")))
+    assert main(["unlearn", str(config), "--no-progress"]) == 0
+    out = tmp_path / "runs" / "unlearned"
+    report = json.loads((out / "report.json").read_text())
+    for side in ("before", "after"):
+        assert report[side]["status"] == "ok" and report[side]["n_fine"] == 2 and 0 <= report[side]["dice"] <= 1
+    cert = Certificate.from_json((out / "certificate.json").read_text())
+    assert cert.public_parameters == [] and sorted(cert.parameters) == sorted(n for n, _ in UNet(**kwargs).named_parameters())
+    state = torch.load(out / "unlearned.pt", weights_only=True)
+    UNet(**kwargs).load_state_dict(state)
