@@ -13,7 +13,9 @@ For every cell (fine fraction ``f``, data seed ``s``) it runs the main job of ``
   complete (it is written under a temporary name, then renamed), so rerunning an interrupted sweep skips
   the complete cells and runs the others. A rerun whose configuration differs from that of a complete cell
   (other methods, steps, noise seed, device, ...) is refused before any training, with the differences
-  listed: give it another ``--out``, or delete the cells it names.
+  listed: give it another ``--out``, or delete the cells it names. A cell depends only on its own
+  fraction and seed, so a rerun may add fractions or seeds, or report a sub-grid; cells of the folder outside
+  the requested grid are left alone and not reported.
 * ``DIR/sweep.json``: the configuration, every cell's per-method metrics (AUROC, worst-group AUROC, Dice,
   S_global, wall time, certificate epsilon/delta) and, per method and fraction, the mean, std and n over
   seeds of each metric. Dead models (constant outputs; see :func:`pyunlearn.pipeline.dead_reason`) are
