@@ -1,5 +1,5 @@
 """Command line: ``pyunlearn demo``, ``pyunlearn run CONFIG.toml``, ``pyunlearn unlearn CONFIG.toml``,
-``pyunlearn classify-demo``.
+``pyunlearn sweep``, ``pyunlearn classify-demo``.
 
 Every value is checked before any work starts: flags by argparse (seeds, thread counts) and writable
 output folders; configuration files by :mod:`pyunlearn.config`.
@@ -77,6 +77,13 @@ def _add_unlearn(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_sweep(sub) -> None:
+    from . import sweep
+
+    sweep.add_arguments(sub.add_parser("sweep", help="sample-efficiency sweep of the synthetic job: fine fractions x "
+                                                     "seeds x methods (sweep.json, sweep.md, sweep.png; resumable)"))
+
+
 def _add_classify(sub) -> None:
     p = sub.add_parser("classify-demo", help="targeted unlearning (PSG and baselines) on scikit-learn digits")
     try:
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = _add_demo(sub)
     _add_run(sub)
     _add_unlearn(sub)
+    _add_sweep(sub)
     _add_classify(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -219,6 +227,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if _is_main_rank():
             print(result["summary"])
         return 0 if result["released"] else 1
+    if args.command == "sweep":
+        from . import sweep
+
+        return sweep.main(args)
     if args.command == "classify-demo":
         from . import classify_demo
 

@@ -349,3 +349,12 @@ def test_run_sweep_checks_its_arguments(tmp_path, fake_jobs):
         with pytest.raises(ConfigError, match=message):
             sweep.run_sweep(tmp_path / "o", progress=False, **kwargs)
     assert fake_jobs[1] == []
+
+
+def test_the_cli_registers_sweep(tmp_path, monkeypatch):
+    from pyunlearn import cli, pipeline
+
+    monkeypatch.setattr(pipeline, "run_synthetic_demo", lambda *a, **k: pytest.fail("no cell may run"))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["sweep", "--out", str(tmp_path / "s"), "--fractions", "1.5", "--quick"])
+    assert exc.value.code == 2
