@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +126,44 @@ class EvalSet:
         return self
 
 
+class StreamingEvalSet:
+    """Held-out images read from a Dataset of item dicts (``image``, ``fine``) a batch at a time: what
+    :func:`evaluate` and the dead-model check read for a data set larger than memory (``pyunlearn run``).
+    ``labels`` and ``has_artefact`` are per-image tensors known without reading an image; there are no
+    artefact maps (no S_global)."""
+
+    artefact_map = None
+    features = None
+
+    def __init__(self, dataset, *, labels: torch.Tensor, has_artefact: torch.Tensor, batch_size: int = 32):
+        if len(labels) != len(dataset) or len(has_artefact) != len(dataset):
+            raise ValueError(f"labels ({len(labels)}) and has_artefact ({len(has_artefact)}) must have one entry per "
+                             f"image ({len(dataset)})")
+        self.dataset, self.labels, self.has_artefact, self.batch_size = dataset, labels, has_artefact.bool(), batch_size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batches(self):
+        """``(images, fine)`` of consecutive images, through a DataLoader."""
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False,
+                                             collate_fn=_stack_image_fine)
+        yield from loader
+
+    def subset(self, indices: list[int]) -> EvalSet:
+        """The images ``indices`` as an in-memory :class:`EvalSet` (for figures)."""
+        images, fine = _stack_image_fine([self.dataset[i] for i in indices])
+        return EvalSet(images=images, fine=fine, labels=self.labels[indices], has_artefact=self.has_artefact[indices])
+
+    def cache_features(self, model: nn.Module) -> "StreamingEvalSet":
+        """Nothing to cache: the features are recomputed per batch (memory stays bounded)."""
+        return self
+
+
+def _stack_image_fine(items) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([it["image"] for it in items]), torch.stack([torch.as_tensor(it["fine"]).bool() for it in items])
+
+
 def _probabilities(model: nn.Module, images: torch.Tensor, chunk: int = 256,
                    features: Optional[tuple] = None) -> torch.Tensor:
     """Foreground probability maps (N, H, W); ``features`` of the frozen encoder skip the encoder."""
@@ -141,7 +181,10 @@ def _probabilities(model: nn.Module, images: torch.Tensor, chunk: int = 256,
 def evaluate(model: nn.Module, test: EvalSet, *, n_boot: int = 200, seed: int = 0, fast: bool = False) -> dict:
     """Pooled-score AUROC overall and per spurious subgroup, Dice on fine masks, S_global.
 
-    ``fast`` skips S_global (used for the unlearning trajectory)."""
+    ``fast`` skips S_global (used for the unlearning trajectory). A :class:`StreamingEvalSet` is read a batch at
+    a time (same numbers as the whole set at once; no S_global)."""
+    if isinstance(test, StreamingEvalSet):
+        return _evaluate_streaming(model, test)
     probs = _probabilities(model, test.images, features=test.features)
     scores = pooled_scores(probs)
     groups = subgroup_auroc(scores, test.labels, test.has_artefact)
@@ -152,6 +195,23 @@ def evaluate(model: nn.Module, test: EvalSet, *, n_boot: int = 200, seed: int = 
         value, (lo, hi) = s_global(pred.long(), test.artefact_map, test.fine.long(), n_boot=n_boot, seed=seed)
         out.update(s_global=value, s_global_ci=[lo, hi])
     return out
+
+
+def _evaluate_streaming(model: nn.Module, test: StreamingEvalSet, eps: float = 1e-7) -> dict:
+    scores, inter, total = [], 0.0, 0.0
+    for images, fine in test.batches():
+        probs = _probabilities(model, images.to(_device_of(model)))
+        scores.append(pooled_scores(probs).cpu())
+        pred = (probs > 0.5).cpu()
+        inter += float((pred & fine).sum())
+        total += float(pred.sum() + fine.sum())
+    groups = subgroup_auroc(torch.cat(scores), test.labels, test.has_artefact)
+    return {"auroc": groups["auroc"], "worst_group_auroc": groups["worst_group_auroc"],
+            "group_auroc": groups["groups"], "dice": (2.0 * inter + eps) / (total + eps)}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters())).device
 
 
 def job_noise_seed(noise_seed: Optional[int], seed: int) -> Optional[int]:
@@ -189,24 +249,58 @@ def dead_reason(model: nn.Module, images: torch.Tensor, *, features: Optional[tu
     :data:`DEAD_STD`; or every pixel on the same side of 0.5 (foreground fraction 0 or 1) with a std below
     :data:`NEAR_CONSTANT_STD`."""
     probs = _probabilities(model, images, features=features).double()
-    if not bool(torch.isfinite(probs).all()):
+    finite = bool(torch.isfinite(probs).all())
+    std = float(probs.std()) if probs.numel() > 1 and finite else 0.0
+    return _dead_rule(finite, std, float((probs > 0.5).double().mean()), where)
+
+
+def dead_reason_of_sums(n: int, total: float, squares: float, above: int, finite: bool, *,
+                        where: str = "evaluation set") -> Optional[str]:
+    """:func:`dead_reason` from running sums over ``n`` foreground probabilities (their sum, sum of squares,
+    how many exceed 0.5, whether all were finite), so that data read a batch at a time gets the same rule."""
+    std = math.sqrt(max(squares - total * total / n, 0.0) / (n - 1)) if n > 1 and finite else 0.0
+    return _dead_rule(finite, std, above / max(n, 1), where)
+
+
+def _dead_rule(finite: bool, std: float, fraction: float, where: str) -> Optional[str]:
+    if not finite:
         return f"non-finite output on the {where}"
-    std = float(probs.std()) if probs.numel() > 1 else 0.0
     if std < DEAD_STD:
         return f"constant output on the {where} (foreground probability std {std:.2g} < {DEAD_STD:g})"
-    fraction = float((probs > 0.5).double().mean())
     if fraction in (0.0, 1.0) and std < NEAR_CONSTANT_STD:
         return (f"near-constant output on the {where} (predicts {'foreground' if fraction else 'background'} "
                 f"everywhere, foreground probability std {std:.2g} < {NEAR_CONSTANT_STD:g})")
     return None
 
 
-def _check_dead(model: nn.Module, train_images: Optional[torch.Tensor], test: Optional["EvalSet"]) -> Optional[str]:
-    """The training outputs (first images) and the evaluation outputs; the first reason found, or None."""
+def _streaming_dead_reason(model: nn.Module, test: StreamingEvalSet) -> Optional[str]:
+    n, total, squares, above, finite = 0, 0.0, 0.0, 0, True
+    for images, _ in test.batches():
+        probs = _probabilities(model, images.to(_device_of(model))).double()
+        n, total, squares = n + probs.numel(), total + float(probs.sum()), squares + float((probs * probs).sum())
+        above += int((probs > 0.5).sum())
+        finite &= bool(torch.isfinite(probs).all())
+    return dead_reason_of_sums(n, total, squares, above, finite)
+
+
+def _train_images(data) -> torch.Tensor:
+    """The first training images the dead-model check reads (in memory or streamed)."""
+    if isinstance(data, torch.Tensor):
+        return data[:_DEAD_TRAIN_IMAGES]
+    if hasattr(data, "images"):
+        return data.images[:_DEAD_TRAIN_IMAGES]
+    return data.batch(torch.arange(min(len(data), _DEAD_TRAIN_IMAGES))).images
+
+
+def _check_dead(model: nn.Module, train_images, test) -> Optional[str]:
+    """The training outputs (first images of a tensor or a data set) and the evaluation outputs; the first reason
+    found, or None."""
     if train_images is not None:
-        reason = dead_reason(model, train_images[:_DEAD_TRAIN_IMAGES], where="training images")
+        reason = dead_reason(model, _train_images(train_images), where="training images")
         if reason:
             return reason
+    if isinstance(test, StreamingEvalSet):
+        return _streaming_dead_reason(model, test)
     if test is not None:
         return dead_reason(model, test.images, features=test.features)
     return None
@@ -310,7 +404,7 @@ def _run_methods(model: nn.Module, data: SegmentationUnlearningData, test: EvalS
                  checkpoint_dir: Optional[Path]) -> tuple[dict, dict[str, nn.Module]]:
     results: dict[str, dict] = {}
     models: dict[str, nn.Module] = {"coarse": model}
-    coarse_dead = _check_dead(model, data.images, test)
+    coarse_dead = _check_dead(model, data, test)
     if coarse_dead:
         raise DeadModelError(f"the coarse model is dead ({coarse_dead}); every method starts from it, so the job "
                              "stops (pretrain retries dead stages with other seeds; see DemoConfig.dead_retries)")
@@ -350,8 +444,11 @@ def _run_methods(model: nn.Module, data: SegmentationUnlearningData, test: EvalS
                     kwargs = dict(kwargs, eval_fn=trajectory_eval, eval_every=config.eval_every)
                 if name != "psg_segmentation":
                     kwargs = dict(kwargs, progress=progress, checkpoint=ckpt, **keep)
-                trained, record = fn(model, data, **kwargs)
-            reason = _check_dead(trained, (oracle_data if name == "oracle" else data).images, test)
+                # psg_segmentation keeps every forget image's labels: it reads the private data in memory.
+                in_memory = data if name != "psg_segmentation" or hasattr(data, "images") else \
+                    data.batch(data.image_indices("all"))
+                trained, record = fn(model, in_memory, **kwargs)
+            reason = _check_dead(trained, oracle_data if name == "oracle" else data, test)
             if reason is None:
                 break
             retries.append({"seed": run_seed, "reason": reason})
@@ -388,7 +485,7 @@ def build_synthetic(config: DemoConfig, seed: int):
 def pretrain(public_images: torch.Tensor, public_masks: torch.Tensor, private: SegmentationUnlearningData,
              config: DemoConfig, *, seed: int, progress: bool = True,
              checkpoint_dir: Optional[Path] = None, keep_checkpoints: bool = False,
-             eval_images: Optional[torch.Tensor] = None) -> nn.Module:
+             eval_images=None, coarse_data=None) -> nn.Module:
     """A public encoder (trained with its own decoder on public data), frozen; then a fresh decoder
     trained on the private coarse masks: the coarse model. With ``checkpoint_dir`` each stage's checkpoint
     is deleted when it succeeds unless ``keep_checkpoints`` (the demo keeps them until the job is done).
@@ -396,13 +493,30 @@ def pretrain(public_images: torch.Tensor, public_masks: torch.Tensor, private: S
     Each stage's outputs are checked (:func:`dead_reason`) on its training images and ``eval_images``; a
     dead stage is retrained with another initialisation seed, up to ``config.dead_retries`` times, and the
     retries are recorded on the model (``model.pyunlearn_retries``: stage, seed, reason); a stage still dead
-    after them raises :class:`DeadModelError`."""
+    after them raises :class:`DeadModelError`.
+
+    For data read a batch at a time: ``public_images`` is the public data set itself (a
+    :class:`~pyunlearn.unlearn.StreamingSegmentationData` with fine masks everywhere) with ``public_masks=None``,
+    ``coarse_data`` the private images with their coarse masks as labels everywhere, and ``eval_images`` a
+    :class:`StreamingEvalSet`."""
     retries: list[dict] = []
-    evalset = EvalSet(images=eval_images, fine=None, labels=None, has_artefact=None) if eval_images is not None else None
-    everything = torch.ones(public_images.shape[0], dtype=torch.bool)
-    public = SegmentationUnlearningData.from_masks(public_images, public_masks, public_masks, everything)
-    coarse_all = SegmentationUnlearningData(images=private.images, target=private.coarse, retain=private.retain,
-                                            forget=private.forget, coarse=private.coarse, has_fine=private.has_fine)
+    if isinstance(eval_images, StreamingEvalSet):
+        evalset = eval_images
+    else:
+        evalset = EvalSet(images=eval_images, fine=None, labels=None, has_artefact=None) \
+            if eval_images is not None else None
+    if public_masks is None:  # public_images is already the public data (fine masks everywhere), e.g. streamed
+        public, in_channels = public_images, public_images.image_shape[0]
+    else:
+        everything = torch.ones(public_images.shape[0], dtype=torch.bool)
+        public = SegmentationUnlearningData.from_masks(public_images, public_masks, public_masks, everything)
+        in_channels = public_images.shape[1]
+    if coarse_data is not None:
+        coarse_all = coarse_data
+    else:
+        coarse_all = SegmentationUnlearningData(images=private.images, target=private.coarse, retain=private.retain,
+                                                forget=private.forget, coarse=private.coarse,
+                                                has_fine=private.has_fine)
 
     def stage(name: str, attempt_fn) -> None:
         for attempt in range(config.dead_retries + 1):
@@ -416,11 +530,11 @@ def pretrain(public_images: torch.Tensor, public_masks: torch.Tensor, private: S
                              f"(last: {reason}); the pipeline's settings (e.g. lr={config.lr}) do not train on this "
                              "data")
 
-    images_of = {"public encoder": public_images, "coarse decoder": private.images}
+    images_of = {"public encoder": public, "coarse decoder": coarse_all}
 
     def public_encoder(run_seed: int, ckpt):
         torch.manual_seed(run_seed)
-        model = EncoderDecoder(in_channels=public_images.shape[1], width=config.width)
+        model = EncoderDecoder(in_channels=in_channels, width=config.width)
         unlearn.train_segmenter(model, public, target="all", steps=config.public_steps, lr=config.lr,
                                 batch_size=config.batch_size, seed=run_seed, progress=progress,
                                 method="public encoder", checkpoint=ckpt, keep_checkpoints=keep_checkpoints)
@@ -488,9 +602,32 @@ def _main_rank() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _stack_dataset(dataset, *, progress: bool) -> dict[str, torch.Tensor]:
-    items = [dataset[i] for i in tqdm(range(len(dataset)), desc="loading", disable=not progress)]
-    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("image", "fine", "label", "artefacts")}
+class _JobView(torch.utils.data.Dataset):
+    """Items of ``dataset[indices]`` as one split of the ``run`` job sees them: coarse masks simulated from the
+    fine ones (``coarsen(fine, radius, mode)``), and ``has_fine`` chosen by the job; ``public`` images have their
+    fine masks everywhere, and ``coarse_labels`` images the coarse masks as their only labels (the coarse model's
+    training data)."""
+
+    def __init__(self, dataset, indices: list[int], *, radius: int, mode: str, has_fine: Optional[torch.Tensor] = None,
+                 public: bool = False, coarse_labels: bool = False):
+        self.dataset, self.indices, self.radius, self.mode = dataset, indices, radius, mode
+        self.has_fine, self.public, self.coarse_labels = has_fine, public, coarse_labels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        from .masks import coarsen
+
+        item = self.dataset[self.indices[i]]
+        fine = torch.as_tensor(item["fine"]).bool()
+        coarse = coarsen(fine, radius=self.radius, mode=self.mode)
+        if self.public:
+            coarse = fine
+        elif self.coarse_labels:
+            fine = coarse
+        has_fine = True if self.has_fine is None or self.public or self.coarse_labels else bool(self.has_fine[i])
+        return {"image": item["image"], "coarse": coarse, "fine": fine, "has_fine": has_fine, "id": item.get("id")}
 
 
 def run_config(path: str | Path, *, progress: bool = True) -> tuple[dict, Path]:
@@ -506,7 +643,6 @@ def run_config(path: str | Path, *, progress: bool = True) -> tuple[dict, Path]:
     """
     from .config import load_run_config
     from .data import ISIC2018, ImageMaskFolder
-    from .masks import coarsen
     from .report import write_report
 
     path = Path(path)
@@ -516,30 +652,29 @@ def run_config(path: str | Path, *, progress: bool = True) -> tuple[dict, Path]:
     if bool((dataset.labels < 0).any()):
         raise ValueError(f"{path}: image-level labels are needed for the AUROC evaluation; give [data] "
                          "labels_csv (columns image,label) for kind = 'folder'")
-    tensors = _stack_dataset(dataset, progress=progress)
-    n = tensors["image"].shape[0]
+    n = len(dataset)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_pub = int(round(run.public * n))
     n_test = int(round(run.test * n))
     if n_pub < 1 or n_test < 1 or n - n_pub - n_test < 2:
         raise ValueError(f"{path}: split leaves too few images (public {n_pub}, test {n_test}, total {n})")
-    pub, test, priv = order[:n_pub], order[n_pub:n_pub + n_test], order[n_pub + n_test:]
-    fine = tensors["fine"].bool()
-    coarse = coarsen(fine, radius=run.coarse_radius, mode=run.coarse_mode)
-    has_fine = torch.zeros(priv.numel(), dtype=torch.bool)
-    has_fine[torch.randperm(priv.numel(), generator=torch.Generator().manual_seed(seed + 1))
-             [:max(1, round(config.fine_fraction * priv.numel()))]] = True
-    data = SegmentationUnlearningData.from_masks(tensors["image"][priv], coarse[priv], fine[priv], has_fine)
-    oracle = SegmentationUnlearningData.from_masks(tensors["image"][priv], coarse[priv], fine[priv],
-                                                   torch.ones_like(has_fine))
-    has_artefact = tensors["artefacts"][test].sum(dim=1) > 0 if tensors["artefacts"].numel() else \
-        torch.zeros(test.numel(), dtype=torch.bool)
-    evalset = EvalSet(images=tensors["image"][test], fine=fine[test], labels=tensors["label"][test],
-                      has_artefact=has_artefact)
+    pub, test, priv = (order[:n_pub].tolist(), order[n_pub:n_pub + n_test].tolist(),
+                       order[n_pub + n_test:].tolist())
+    has_fine = torch.zeros(len(priv), dtype=torch.bool)
+    has_fine[torch.randperm(len(priv), generator=torch.Generator().manual_seed(seed + 1))
+             [:max(1, round(config.fine_fraction * len(priv)))]] = True
+    # Every split is read from disk a batch at a time (memory bounded whatever the number of images).
+    view = functools.partial(_JobView, dataset, radius=run.coarse_radius, mode=run.coarse_mode)
+    stream = functools.partial(unlearn.StreamingSegmentationData, feature_cache="auto")
+    data = stream(view(priv, has_fine=has_fine))
+    oracle = stream(view(priv, has_fine=torch.ones_like(has_fine)))
+    artefacts = dataset.artefacts
+    has_artefact = artefacts[test].sum(dim=1) > 0 if artefacts.numel() else torch.zeros(len(test), dtype=torch.bool)
+    evalset = StreamingEvalSet(view(test), labels=dataset.labels[test], has_artefact=has_artefact,
+                               batch_size=config.batch_size)
     t0 = time.perf_counter()
-    model = pretrain(tensors["image"][pub], fine[pub], data, config, seed=seed, progress=progress,
-                     eval_images=evalset.images)
-    evalset.cache_features(model)
+    model = pretrain(stream(view(pub, public=True)), None, data, config, seed=seed, progress=progress,
+                     eval_images=evalset, coarse_data=stream(view(priv, coarse_labels=True)))
     methods, models = run_pipeline(model, data, evalset, config, seed=seed, oracle_data=oracle, progress=progress)
     split = run.raw.get("split", {})
     report = {"config": {**config.to_dict(), "source": str(path), "data": run.raw["data"], "split": split,

@@ -84,6 +84,8 @@ def _figures(report: dict, out: Path, models: dict, test) -> list[str]:
     has_art = test.has_artefact.nonzero().flatten()[:2].tolist()
     clean = (~test.has_artefact).nonzero().flatten()[:1].tolist()
     picks = has_art + clean
+    if picks and hasattr(test, "subset"):  # a streamed evaluation set: read only the images shown
+        test, picks = test.subset(picks), list(range(len(picks)))
     if picks:
         probs = {m: _probabilities(models[m], test.images[picks]).cpu() for m in shown}
         cols = 2 + len(shown)

@@ -97,19 +97,9 @@ def _foreground(logits: torch.Tensor) -> torch.Tensor:
 
 def _dead(n: int, total: float, squares: float, above: int, finite: bool) -> Optional[str]:
     """:func:`pyunlearn.pipeline.dead_reason`'s rule from running sums of the foreground probabilities."""
-    from .pipeline import DEAD_STD, NEAR_CONSTANT_STD
+    from .pipeline import dead_reason_of_sums
 
-    where = "held-out split"
-    if not finite:
-        return f"non-finite output on the {where}"
-    std = math.sqrt(max(squares - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
-    if std < DEAD_STD:
-        return f"constant output on the {where} (foreground probability std {std:.2g} < {DEAD_STD:g})"
-    fraction = above / n
-    if fraction in (0.0, 1.0) and std < NEAR_CONSTANT_STD:
-        return (f"near-constant output on the {where} (predicts {'foreground' if fraction else 'background'} "
-                f"everywhere, foreground probability std {std:.2g} < {NEAR_CONSTANT_STD:g})")
-    return None
+    return dead_reason_of_sums(n, total, squares, above, finite, where="held-out split")
 
 
 def evaluate_stream(model: nn.Module, dataset, *, batch_size: int = 16, progress: bool = False) -> dict:

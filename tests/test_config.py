@@ -18,7 +18,7 @@ def no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the configuration was checked")
 
-    for name in ("pretrain", "run_synthetic_demo", "run_pipeline", "_stack_dataset"):
+    for name in ("pretrain", "run_synthetic_demo", "run_pipeline", "StreamingEvalSet"):
         monkeypatch.setattr(pyunlearn.pipeline, name, forbidden)
     monkeypatch.setattr(pyunlearn.data._io.PairedImageMaskDataset, "__getitem__", forbidden)
 

@@ -241,3 +241,25 @@ def test_nifti_volumes_stream_into_a_3d_monai_unet(tmp_path):
                                             batch_size=2, loss="dice_ce", noise_seed=1)
     assert 0.99 < record["certificate"]["epsilon"] <= 1.0 and len(record["losses"]) == 1
     assert not all(torch.equal(a, b) for a, b in zip(out.parameters(), net.parameters()))
+
+
+def test_streamed_evaluation_matches_the_in_memory_one():
+    from pyunlearn import pipeline
+
+    images, coarse, fine, has_fine = _tensors()
+    labels = torch.tensor([i % 2 for i in range(N)])
+    has_artefact = torch.tensor([(i // 2) % 2 == 1 for i in range(N)])
+    memory = pipeline.EvalSet(images=images, fine=fine, labels=labels, has_artefact=has_artefact)
+    stream = pipeline.StreamingEvalSet(ItemDataset(images, coarse, fine, torch.ones_like(has_fine)), labels=labels,
+                                       has_artefact=has_artefact, batch_size=3)
+    model = _small_net()
+    want, got = pipeline.evaluate(model, memory, fast=True), pipeline.evaluate(model, stream)
+    for key in ("auroc", "worst_group_auroc", "dice"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12), key
+    assert pipeline._check_dead(model, None, stream) is None
+    dead = nn.Conv2d(3, 2, 1)
+    nn.init.zeros_(dead.weight)
+    assert pipeline._check_dead(dead, None, stream) == pipeline._check_dead(dead, None, memory)
+    assert "constant output" in pipeline._check_dead(dead, None, stream)
+    sub = stream.subset([4, 1])
+    assert torch.equal(sub.images, images[[4, 1]]) and torch.equal(sub.fine, fine[[4, 1]])
