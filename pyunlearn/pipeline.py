@@ -472,10 +472,16 @@ def _run_methods(model: nn.Module, data: SegmentationUnlearningData, test: EvalS
 
 
 def build_synthetic(config: DemoConfig, seed: int):
-    """Public split (its own seed, artefacts uncorrelated, fine masks), private split, balanced test split."""
+    """Public split (its own seed, artefacts uncorrelated, fine masks), private split, balanced test split.
+
+    With the hard generator the public split comes from the shifted public domain (other skin tones and lesion
+    types): the public encoder is good but not perfect for the private task. The easy generator has one
+    population."""
     common = dict(image_size=config.image_size, dilation_radius=config.dilation_radius,
                   difficulty=config.difficulty)
-    public = SyntheticShortcuts(config.n_public, correlation=0.0, fine_fraction=1.0, seed=10_000 + seed, **common)
+    public_domain = {"domain": "public"} if config.difficulty == "hard" else {}
+    public = SyntheticShortcuts(config.n_public, correlation=0.0, fine_fraction=1.0, seed=10_000 + seed, **common,
+                                **public_domain)
     private = SyntheticShortcuts(config.n_private, correlation=config.correlation,
                                  fine_fraction=config.fine_fraction, seed=seed, **common)
     test = SyntheticShortcuts(config.n_test, correlation=0.0, fine_fraction=1.0, seed=20_000 + seed, **common)

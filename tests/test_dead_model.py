@@ -169,3 +169,21 @@ def test_summary_leaves_dead_seeds_out(tmp_path):
     assert row["auroc"]["values"] == [0.8] and row["dead_seeds"] == [1]
     assert DEAD_CELL in (tmp_path / "summary.md").read_text()
     assert DEAD_CELL in format_table({"finetune": dead})
+
+
+def test_hard_demo_trains_its_public_encoder_on_the_shifted_domain():
+    import dataclasses
+
+    from pyunlearn.cli import _quick_config
+    from pyunlearn.data.synthetic import domain_skin_tones
+    from pyunlearn.pipeline import build_synthetic
+
+    config = dataclasses.replace(_quick_config(), difficulty="hard", n_public=12, n_private=12, n_test=12)
+    public, private, test = build_synthetic(config, seed=0)
+    low, high = domain_skin_tones("public")
+    assert public.skin_tone is not None and bool(((public.skin_tone >= low) & (public.skin_tone <= high)).all())
+    low, high = domain_skin_tones("private")
+    for split in (private, test):
+        assert bool(((split.skin_tone >= low) & (split.skin_tone <= high)).all())
+    easy = build_synthetic(dataclasses.replace(config, difficulty="easy"), seed=0)[0]
+    assert easy.skin_tone is None
