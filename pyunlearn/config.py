@@ -294,10 +294,10 @@ def demo_config_spec() -> dict[str, Key]:
     return spec
 
 
-#: Segmentation operators a ``pyunlearn unlearn`` file may name (the job streams its data; psg_segmentation
-#: needs the data in memory, so it is not offered).
+#: Segmentation operators a ``pyunlearn unlearn`` file may name (psg_segmentation, which keeps every forget
+#: image's new labels, reads the images it unlearns with in memory; the others stream them).
 SEGMENTATION_OPERATORS = ("gradient_clipping", "model_clipping", "output_perturbation", "finetune", "neggrad_seg",
-                          "relabel", "retrain")
+                          "relabel", "retrain", "psg_segmentation")
 #: Operator arguments the job sets itself.
 _JOB_ARGUMENTS = ("model", "data", "eval_fn", "eval_every", "inplace", "progress")
 _OPERATOR_RULES = {

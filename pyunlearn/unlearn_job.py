@@ -266,6 +266,8 @@ def run_unlearn(path: str | Path, *, progress: bool = True) -> dict:
     test_set, train_set = Subset(dataset, test_idx), Subset(dataset, train_idx)
     before = evaluate_stream(user.module, test_set, batch_size=cfg.batch_size, progress=progress)
     data = unlearning_data(train_set)
+    if cfg.operator == "psg_segmentation":  # it keeps every forget image's labels: the unlearning split in memory
+        data = data.batch(data.image_indices("all"))
     op = operator_function(cfg.operator)
     kwargs = dict(cfg.operator_kwargs)
     if "progress" in inspect.signature(op).parameters:

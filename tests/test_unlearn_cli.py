@@ -416,3 +416,17 @@ def test_unlearn_a_3d_monai_unet_on_nifti_volumes(tmp_path):
     assert cert.public_parameters == [] and sorted(cert.parameters) == sorted(n for n, _ in UNet(**kwargs).named_parameters())
     state = torch.load(out / "unlearned.pt", weights_only=True)
     UNet(**kwargs).load_state_dict(state)
+
+
+def test_unlearn_with_psg_segmentation(tmp_path, folder, models):
+    net, model = tiny_setup(tmp_path, folder, models)
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+    config = write_config(tmp_path, folder, model=model,
+                          unlearn=dict(operator="psg_segmentation", steps=3, inner_steps=2, batch_size=4,
+                                       loss="dice_ce"))
+    assert main(["unlearn", str(config), "--no-progress"]) == 0
+    out = tmp_path / "runs" / "unlearned"
+    assert not (out / "certificate.json").exists(), "psg_segmentation is not certified"
+    state = torch.load(out / "unlearned.pt", weights_only=True)
+    assert not torch.equal(state["head.weight"], original["head.weight"])
+    assert torch.equal(state["body.0.weight"], original["body.0.weight"]), "frozen parameters stay"
