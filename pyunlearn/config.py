@@ -69,7 +69,8 @@ UNIT = interval(0.0, 1.0)
 SEED = below(SEED_LIMIT, text="2**43")
 NOISE_SEED = below(NOISE_SEED_LIMIT, text="2**63")
 
-_KINDS = ("int", "float", "bool", "str", "path", "list[str]", "list[int]", "size", "table", "int|str", "any")
+_KINDS = ("int", "float", "bool", "str", "path", "list[str]", "list[int]", "list[float]", "size", "table", "int|str",
+          "any")
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,10 @@ def _typed(value: Any, kind: str) -> tuple[bool, Any, str]:
     if kind == "list[int]":
         ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         return ok, value, "a list of integers"
+    if kind == "list[float]":
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             and math.isfinite(v) for v in value)
+        return ok, ([float(v) for v in value] if ok else value), "a list of finite numbers"
     if kind == "size":
         if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
             return True, value, ""
@@ -227,7 +232,9 @@ def _kind_of(hint: Any, default: Any) -> str:
             return kind
     if hint in (tuple, list) or origin in (tuple, list, collections.abc.Sequence):
         args = typing.get_args(hint)
-        return "list[str]" if not args or args[0] is str else "any"
+        if not args or args[0] is str:
+            return "list[str]"
+        return {int: "list[int]", float: "list[float]"}.get(args[0], "any")
     if hint is inspect.Parameter.empty or hint is None:
         if isinstance(default, bool):
             return "bool"
