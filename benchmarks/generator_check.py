@@ -65,8 +65,32 @@ def dead(model, evalset: EvalSet, metrics: dict) -> list[str]:
     return why
 
 
+def pixel_diagnostics(model, evalset: EvalSet, test: SyntheticShortcuts) -> dict:
+    """Where the foreground probability goes on the test set: mean probability on lesion pixels (per lesion
+    type), on skin (outside lesion and artefact) and on each artefact kind's pixels, and the score each kind
+    adds (its pixels' probability mass over the image area: what the pooled score gains from the artefact)."""
+    probs = _probabilities(model, evalset.images, features=evalset.features).cpu()
+    area = probs[0].numel()
+    skin = ~test.fine & ~test.artefact_map
+    out = {"lesion": float(probs[test.fine].mean()), "skin": float(probs[skin].mean()), "artefact": {},
+           "artefact_score": {}, "lesion_by_type": {}}
+    for k, kind in enumerate(test.artefact_names):
+        idx = test.artefacts[:, k].bool()
+        if idx.any():
+            amap = test.artefact_map[idx]
+            out["artefact"][kind] = float(probs[idx][amap].mean())
+            out["artefact_score"][kind] = float((probs[idx] * amap).flatten(1).sum(1).mean() / area)
+    if test.lesion_type is not None:
+        from pyunlearn.data.synthetic import LESION_TYPES
+        for t, name in enumerate(LESION_TYPES):
+            idx = test.lesion_type == t
+            if idx.any():
+                out["lesion_by_type"][name] = float(probs[idx][test.fine[idx]].mean())
+    return out
+
+
 def run_seed(config: DemoConfig, seed: int, *, same_domain: bool, generator: dict, public_generator: dict) -> dict:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     public, private, test = build(config, seed, same_domain=same_domain, generator=generator,
                                   public_generator=public_generator)
     data = SegmentationUnlearningData.from_masks(private.images, private.coarse, private.fine, private.has_fine)
@@ -80,12 +104,14 @@ def run_seed(config: DemoConfig, seed: int, *, same_domain: bool, generator: dic
     t_pre = time.perf_counter() - t0 - t_data
     methods, models = run_pipeline(model, data, evalset, config, seed=seed, oracle_data=oracle, progress=False)
     out = {"seed": seed, "data_s": round(t_data, 2), "pretrain_s": round(t_pre, 2),
-           "total_s": round(time.perf_counter() - t0, 2), "methods": {}}
+           "total_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2),
+           "methods": {}}
     for name, m in methods.items():
         out["methods"][name] = {"auroc": m["auroc"], "worst_group_auroc": m["worst_group_auroc"],
                                 "group_auroc": m["group_auroc"], "dice": m["dice"],
                                 "s_global": m.get("s_global"), "wall_s": m.get("wall_s"),
-                                "dead": dead(models[name], evalset, m)}
+                                "dead": dead(models[name], evalset, m),
+                                "pixels": pixel_diagnostics(models[name], evalset, test)}
     c, r, o = (out["methods"][k] for k in ("coarse", "retrain", "oracle"))
     out["shortcut_gap"] = c["auroc"] - c["worst_group_auroc"]
     out["headroom"] = o["worst_group_auroc"] - r["worst_group_auroc"]
@@ -152,7 +178,13 @@ def main() -> int:
             f"{k} auroc {v['auroc']:.3f} wga {v['worst_group_auroc']:.3f} dice {v['dice']:.3f}"
             + (f" DEAD({'; '.join(v['dead'])})" if v["dead"] else "") for k, v in m.items())
             + f"  | shortcut gap {run['shortcut_gap']:.3f} headroom {run['headroom']:.3f}"
-            + f"  [{run['total_s']:.0f}s: data {run['data_s']:.0f}, pretrain {run['pretrain_s']:.0f}]", flush=True)
+            + f"  [{run['total_s']:.0f}s (cpu {run['cpu_s']:.0f}s): data {run['data_s']:.0f}, "
+              f"pretrain {run['pretrain_s']:.0f}]", flush=True)
+        for k, v in m.items():
+            px = v["pixels"]
+            print(f"    {k:8s} p(lesion) {px['lesion']:.2f} p(skin) {px['skin']:.3f} p(artefact) "
+                  + " ".join(f"{a} {x:.2f}" for a, x in px["artefact"].items()) + " | by type "
+                  + " ".join(f"{a} {x:.2f}" for a, x in px["lesion_by_type"].items()), flush=True)
     summary = summarise(runs)
     print(json.dumps({k: summary[k] for k in ("shortcut_gap", "headroom", "targets", "dead_models")}, indent=1))
     if args.out:

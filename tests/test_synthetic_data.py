@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyunlearn.data import ARTEFACT_KINDS, SyntheticShortcuts
-from pyunlearn.data.synthetic import (HARD_ARTEFACT_KINDS, LESION_TYPES, domain_lesion_types,
-                                      domain_skin_tones)
+from pyunlearn.data.synthetic import (HARD_ARTEFACT_KINDS, LESION_TYPES, PUBLIC_ARTEFACT_KINDS,
+                                      domain_lesion_types, domain_skin_tones)
 from pyunlearn.masks import coarsen
 
 EASY = dict(difficulty="easy")
@@ -262,6 +262,19 @@ def test_invalid_arguments(kwargs, match):
 # ---------------------------------------------------------------------------------------------------------
 # The hard generator
 # ---------------------------------------------------------------------------------------------------------
+def test_public_domain_default_artefacts_and_override():
+    """The hard public domain shows only gel bubbles by default (the public encoder never learns to ignore
+    the private artefacts); artefact_kinds overrides it; the private domain keeps all six kinds."""
+    public = dataset(24, seed=1, domain="public", correlation=1.0)
+    assert public.artefact_names == list(PUBLIC_ARTEFACT_KINDS) == ["bubble"]
+    assert bool(public.has_artefact[public.labels.bool()].all())
+    full = dataset(24, seed=1, domain="public", correlation=1.0, artefact_kinds=HARD_ARTEFACT_KINDS)
+    assert full.artefact_names == list(HARD_ARTEFACT_KINDS)
+    assert dataset(4, seed=1, domain="private").artefact_names == list(HARD_ARTEFACT_KINDS)
+    _check_masks(public)
+    _check_masks(full)
+
+
 def test_hard_is_the_default_with_six_artefact_kinds():
     ds = dataset(4, seed=0)
     assert ds.difficulty == "hard" and ds.domain == "private" and not ds.disjoint_support
