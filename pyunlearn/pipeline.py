@@ -90,11 +90,12 @@ class DemoConfig:
     eval_every: int = 25
     s_global_boot: int = 200
     methods: tuple = METHODS
-    #: Generator of the synthetic demo's splits (:class:`pyunlearn.data.SyntheticShortcuts`): ``"easy"`` (the
-    #: original generator, which these defaults are tuned for) or ``"hard"`` (the generator's own default;
-    #: the pipeline's defaults are not yet retuned for it). A run config's ``[pipeline]`` table may set it
-    #: (it only affects the synthetic demo).
-    difficulty: str = "easy"
+    #: Generator of the synthetic demo's splits (:class:`pyunlearn.data.SyntheticShortcuts`): ``"hard"``
+    #: (irregular lesions, skin tones, six artefact kinds, a shifted public domain; measured at these defaults
+    #: by ``benchmarks/generator_check.py``: coarse shortcut gap 0.21, retrain headroom below the oracle 0.09,
+    #: seeds 0-2) or ``"easy"`` (the original generator, whose blobs a dozen fine masks learn completely). A
+    #: run config's ``[pipeline]`` table may set it (it only affects the synthetic demo).
+    difficulty: str = "hard"
     #: Retries, with another initialisation seed, of a model trained from scratch (public encoder, coarse
     #: decoder, retrain, oracle) whose outputs are (near-)constant; see :func:`dead_reason`.
     dead_retries: int = 2
