@@ -174,6 +174,11 @@ def _probabilities(model: nn.Module, images: torch.Tensor, chunk: int = 256,
             logits = model.decoder(features)
         else:
             logits = torch.cat([model(images[i:i + chunk]) for i in range(0, images.shape[0], chunk)])
+    return foreground_probabilities(logits)
+
+
+def foreground_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """(B, K, *spatial) logits -> (B, *spatial) foreground probability (sigmoid for K = 1, else 1 - p(class 0))."""
     if logits.shape[1] == 1:
         return torch.sigmoid(logits[:, 0])
     return 1.0 - torch.softmax(logits, dim=1)[:, 0]

@@ -89,12 +89,6 @@ def unlearning_data(dataset, **kwargs):
     return StreamingSegmentationData(dataset, **kwargs)
 
 
-def _foreground(logits: torch.Tensor) -> torch.Tensor:
-    if logits.shape[1] == 1:
-        return torch.sigmoid(logits[:, 0])
-    return 1.0 - torch.softmax(logits, dim=1)[:, 0]
-
-
 def _dead(n: int, total: float, squares: float, above: int, finite: bool) -> Optional[str]:
     """:func:`pyunlearn.pipeline.dead_reason`'s rule from running sums of the foreground probabilities."""
     from .pipeline import dead_reason_of_sums
@@ -112,6 +106,7 @@ def evaluate_stream(model: nn.Module, dataset, *, batch_size: int = 16, progress
     from tqdm.auto import tqdm
 
     from .metrics import auroc, subgroup_auroc
+    from .pipeline import foreground_probabilities
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     was_training = model.training
@@ -129,7 +124,7 @@ def evaluate_stream(model: nn.Module, dataset, *, batch_size: int = 16, progress
                 if logits.dim() != 2 + len(spatial) or tuple(logits.shape[2:]) != spatial:
                     raise ValueError(f"the model maps images of shape {tuple(images.shape)} to logits of shape "
                                      f"{tuple(logits.shape)}; expected (B, K, {', '.join(map(str, spatial))})")
-                probs = _foreground(logits.float()).double()
+                probs = foreground_probabilities(logits.float()).double()
                 finite &= bool(torch.isfinite(probs).all())
                 n_px += probs.numel()
                 total += float(probs.sum())
