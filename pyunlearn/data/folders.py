@@ -189,10 +189,12 @@ def index_coarse_fine(
         raise ValueError(f"no {kind} files in {img_dir}")
     coarse_pairs, no_coarse, coarse_orphans = match_masks(image_files, list_files(crs_dir), suffixes,
                                                           folder=crs_dir, what="coarse mask")
-    if coarse_orphans:
-        raise ValueError(f"{len(coarse_orphans)} coarse mask file(s) in {crs_dir} have no {kind} in "
-                         f"{img_dir} (tried suffixes {list(suffixes)}): "
-                         f"{format_ids([p.name for p in coarse_orphans])}")
+    def refuse_orphans(orphans: list[Path], folder: Path, what: str) -> None:
+        if orphans:
+            raise ValueError(f"{len(orphans)} {what} file(s) in {folder} have no {kind} in {img_dir} (tried "
+                             f"suffixes {list(suffixes)}): {format_ids([p.name for p in orphans])}")
+
+    refuse_orphans(coarse_orphans, crs_dir, "coarse mask")
     if no_coarse:
         raise ValueError(f"{len(no_coarse)} {kind}(s) in {img_dir} have no coarse mask in {crs_dir} "
                          f"(tried suffixes {list(suffixes)}): {format_ids(no_coarse)}")
@@ -200,10 +202,7 @@ def index_coarse_fine(
     if fin_dir is not None:
         fine_pairs, _, fine_orphans = match_masks(image_files, list_files(fin_dir), suffixes,
                                                   folder=fin_dir, what="fine mask")
-        if fine_orphans:
-            raise ValueError(f"{len(fine_orphans)} fine mask file(s) in {fin_dir} have no {kind} in "
-                             f"{img_dir} (tried suffixes {list(suffixes)}): "
-                             f"{format_ids([p.name for p in fine_orphans])}")
+        refuse_orphans(fine_orphans, fin_dir, "fine mask")
 
     ids = sorted(image_files)
     total = len(ids)
