@@ -6,6 +6,7 @@ pixels, and a digest of each item), and every operator reads its batches through
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Any, Optional
@@ -232,5 +233,4 @@ class StreamingSegmentationData:
 def _to(batch: SegmentationUnlearningData, device: torch.device) -> SegmentationUnlearningData:
     if batch.images.device == device:
         return batch
-    return SegmentationUnlearningData(**{f: getattr(batch, f).to(device) for f in
-                                         ("images", "target", "retain", "forget", "coarse", "has_fine")})
+    return SegmentationUnlearningData(**{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)})
