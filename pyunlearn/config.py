@@ -267,6 +267,7 @@ def _demo_rules() -> dict[str, Key]:
         noise_seed=Key("int", rule=NOISE_SEED), eval_every=Key("int", rule=NON_NEGATIVE),
         s_global_boot=Key("int", rule=AT_LEAST_ONE), dead_retries=Key("int", rule=NON_NEGATIVE),
         difficulty=Key("str", choices=tuple(DIFFICULTIES)),
+        fine_share=_OPERATOR_RULES["fine_share"],
         methods=Key("list[str]", choices=tuple(METHODS) + ("psg_segmentation",)),
     )
     return rules
@@ -312,6 +313,7 @@ _OPERATOR_RULES = {
     "finetune_steps": Key("int", rule=NON_NEGATIVE), "weight_decay": Key("float", rule=NON_NEGATIVE),
     "sigma0": Key("float", rule=NON_NEGATIVE), "beta": Key("float", rule=UNIT),
     "checkpoint": Key("path"), "noise_seed": Key("int", rule=NOISE_SEED),
+    "fine_share": Key("float", rule=interval(0.0, 1.0, lo_open=True, hi_open=True)),
 }
 
 

@@ -337,3 +337,64 @@ def test_certified_operators_refuse_modules_with_running_statistics():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 1, 1))
     with pytest.raises(ValueError, match="BatchNorm2d.*buffers"):
         model_clipping(model, data, steps=1, finetune_steps=0, noise_seed=0)
+
+
+# ------------------------------------------------------------------ fine_share: batches that see the fine masks
+
+
+@given(st.integers(2, 40), st.integers(1, 39), st.integers(1, 16), st.floats(0.01, 0.99), st.integers(0, 2**20))
+def test_batch_indices_fine_share(n, n_fine, batch_size, share, seed):
+    from pyunlearn.unlearn.segmentation import batch_at, batch_indices
+
+    n_fine = min(n_fine, n - 1)
+    has_fine = torch.zeros(n, dtype=torch.bool)
+    has_fine[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_fine]] = True
+    data = type("Flags", (), {"has_fine": has_fine})()
+    pool = torch.arange(n)
+    batch_size = min(batch_size, n)
+    steps = range(3, 9)
+    uniform = batch_indices(data, pool, batch_size, seed, steps)
+    assert all(torch.equal(b, batch_at(pool, batch_size, seed, s)) for b, s in zip(uniform, steps))
+    batches = batch_indices(data, pool, batch_size, seed, steps, share)
+    assert batches == [] or all(torch.equal(a, b) for a, b in zip(batches, batch_indices(data, pool, batch_size,
+                                                                                         seed, steps, share)))
+    want = min(max(round(share * batch_size), 1), n_fine, batch_size - 1) if batch_size > 1 else None
+    for b in batches:
+        assert b.unique().numel() == b.numel(), "an image twice in one batch"
+        if want is not None:
+            assert int(has_fine[b].sum()) == want
+            assert b.numel() == want + min(batch_size - want, n - n_fine)
+
+
+def test_fine_share_trains_on_the_fine_images_more_often_and_is_recorded(monkeypatch):
+    from pyunlearn.unlearn import segmentation
+
+    data = make_data()
+    fine_images = set(data.has_fine.nonzero().flatten().tolist())
+    assert 0 < len(fine_images) < len(data)
+    seen: list[list[int]] = []
+    real = segmentation.batch_indices
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        seen.extend(b.tolist() for b in out)
+        return out
+
+    monkeypatch.setattr(segmentation, "batch_indices", spy)
+    for name in ("retrain", "finetune", "neggrad_seg", "gradient_clipping", "model_clipping", "output_perturbation"):
+        fn, kw = OPERATORS[name]
+        seen.clear()
+        _, record = fn(make_model(), data, **COMMON, **kw, fine_share=0.5)
+        assert record["hyperparameters"]["fine_share"] == 0.5, name
+        assert seen and all(sum(i in fine_images for i in b) == 2 for b in seen), (name, seen)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, 1.0, 1.5, -0.1, True, "0.5", float("nan")])
+def test_fine_share_errors(bad):
+    for name in ("retrain", "gradient_clipping"):
+        fn, kw = OPERATORS[name]
+        model = make_model()
+        before = clone_state(model)
+        with pytest.raises(ValueError, match="fine_share"):
+            fn(model, make_data(), **COMMON, **kw, fine_share=bad)
+        assert states_equal(clone_state(model), before)
