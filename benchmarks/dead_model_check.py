@@ -73,24 +73,34 @@ def main(argv=None) -> int:
         config = dataclasses.replace(config, difficulty=args.difficulty)
     if args.methods:
         config = dataclasses.replace(config, methods=tuple(args.methods))
-    rows = []
+    rows, totals = [], {}
+    names = ["public encoder", "coarse decoder", "coarse"] + [m for m in config.methods if m != "coarse"]
     for seed in range(args.first, args.first + args.seeds):
         row = check_seed(config, seed)
         rows.append(row)
         print(f"seed {seed}: died {row['died'] or '-'}; dead after retries {row['dead'] or '-'} "
               f"({row['wall_s']:.0f} s)", flush=True)
-    names = ["public encoder", "coarse decoder", "coarse"] + [m for m in config.methods if m != "coarse"]
-    totals = {n: {"died": sum(n in r["died"] for r in rows), "dead": sum(n in r["dead"] for r in rows)}
-              for n in names}
-    totals = {n: t for n, t in totals.items() if t["died"] or t["dead"]}
+        totals = _totals(rows, names)
+        if args.out:  # after every seed, so that a stopped run keeps what it checked
+            _write(args.out, config, args.quick, rows, totals, complete=len(rows) == args.seeds)
     print(f"\n{len(rows)} seeds; " + ("; ".join(f"{n}: died {t['died']}, dead after retries {t['dead']}"
                                               for n, t in totals.items()) or "no dead model"))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                                        "config": config.to_dict(), "quick": args.quick, "seeds": rows,
-                                        "totals": totals}, indent=2))
     return 0
+
+
+def _totals(rows: list[dict], names: list[str]) -> dict:
+    totals = {n: {"died": sum(n in r["died"] for r in rows), "dead": sum(n in r["dead"] for r in rows)}
+              for n in names}
+    return {n: t for n, t in totals.items() if t["died"] or t["dead"]}
+
+
+def _write(out: Path, config: DemoConfig, quick: bool, rows: list[dict], totals: dict, *, complete: bool) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                               "config": config.to_dict(), "quick": quick, "complete": complete,
+                               "seeds": rows, "totals": totals}, indent=2))
+    tmp.replace(out)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ def _quick_config():
     from .pipeline import DemoConfig
 
     return DemoConfig(n_public=48, n_private=64, n_test=48, image_size=24, width=8, public_steps=20, coarse_steps=20,
-                      retrain_steps=10, finetune_steps=10, post_steps=10, gc_steps=5, mc_steps=3, eval_every=5, s_global_boot=20)
+                      retrain_steps=10, finetune_steps=10, post_steps=10, gc_steps=5, mc_steps=3, eval_every=5, s_global_boot=20,
+                      blank_is_dead=False)
 
 
 def _init_distributed(device: str) -> bool:

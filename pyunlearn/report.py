@@ -30,7 +30,7 @@ def _cell(metrics: dict, key: str) -> str:
 
 
 #: What a dead method's row shows instead of numbers.
-DEAD_CELL = "dead (constant output)"
+DEAD_CELL = "dead (no usable output)"
 
 
 def is_dead(metrics: dict) -> bool:
@@ -175,7 +175,7 @@ def write_report(report: dict, out: Path, *, models: Optional[dict] = None, test
               "misleads. S_global in nats with a bootstrap interval over images.", ""]
     dead = {name: m for name, m in report["methods"].items() if is_dead(m)}
     if dead:
-        lines += ["**Dead models** (constant or near-constant output; no metrics are reported for them): "
+        lines += ["**Dead models** (constant, near-constant or blank output; no metrics are reported for them): "
                   + "; ".join(f"`{n}`: {m.get('reason', 'constant output')}"
                               + (f" (after {len(m['retries'])} retries with other initialisation seeds)"
                                  if m.get("retries") else "")

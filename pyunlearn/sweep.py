@@ -18,7 +18,7 @@ For every cell (fine fraction ``f``, data seed ``s``) it runs the main job of ``
   the requested grid are left alone and not reported.
 * ``DIR/sweep.json``: the configuration, every cell's per-method metrics (AUROC, worst-group AUROC, Dice,
   S_global, wall time, certificate epsilon/delta) and, per method and fraction, the mean, std and n over
-  seeds of each metric. Dead models (constant outputs; see :func:`pyunlearn.pipeline.dead_reason`) are
+  seeds of each metric. Dead models (constant outputs or blank segmentations; see :func:`pyunlearn.pipeline.dead_reason`) are
   recorded as dead with their reason and counted, never averaged in. A cell whose coarse model stayed dead
   after its retries (:class:`pyunlearn.pipeline.DeadModelError`) is complete and dead for every method. A
   cell that failed otherwise is listed as failed and rerun by the next call.

@@ -9,7 +9,7 @@ held-out evaluation split, evaluate the model, run the operator, evaluate the re
   public (``public_parameters``);
 * ``report.json`` / ``report.md``: the evaluation on the held-out split before and after, side by side (Dice on
   fine masks where present; pooled-score AUROC where labels exist, worst-group AUROC where artefact flags
-  exist), or ``dead`` (constant output) instead of numbers.
+  exist), or ``dead`` (constant output, or a blank segmentation) instead of numbers.
 
 Data is read through DataLoaders a batch at a time (the operators through
 :class:`pyunlearn.unlearn.StreamingSegmentationData`), never stacked whole.
@@ -89,11 +89,11 @@ def unlearning_data(dataset, **kwargs):
     return StreamingSegmentationData(dataset, **kwargs)
 
 
-def _dead(n: int, total: float, squares: float, above: int, finite: bool) -> Optional[str]:
+def _dead(n: int, total: float, squares: float, above: int, finite: bool, foreground: int) -> Optional[str]:
     """:func:`pyunlearn.pipeline.dead_reason`'s rule from running sums of the foreground probabilities."""
     from .pipeline import dead_reason_of_sums
 
-    return dead_reason_of_sums(n, total, squares, above, finite, where="held-out split")
+    return dead_reason_of_sums(n, total, squares, above, finite, where="held-out split", foreground=foreground)
 
 
 def evaluate_stream(model: nn.Module, dataset, *, batch_size: int = 16, progress: bool = False) -> dict:
@@ -101,8 +101,8 @@ def evaluate_stream(model: nn.Module, dataset, *, batch_size: int = 16, progress
 
     Returns ``{"status": "ok", "n_images", "dice", "n_fine", "auroc", "worst_group_auroc", "group_auroc",
     "notes"}`` (a metric the data cannot give is None, with a note saying why), or ``{"status": "dead",
-    "reason"}`` for a model with (near-)constant or non-finite output (:func:`pyunlearn.pipeline.dead_reason`'s
-    rule), whose numbers are never reported."""
+    "reason"}`` for a model with (near-)constant or non-finite output, or a blank segmentation of fine-masked
+    images (:func:`pyunlearn.pipeline.dead_reason`'s rule), whose numbers are never reported."""
     from tqdm.auto import tqdm
 
     from .metrics import auroc, subgroup_auroc
@@ -143,7 +143,7 @@ def evaluate_stream(model: nn.Module, dataset, *, batch_size: int = 16, progress
                 artefacts.append(batch["artefacts"].reshape(images.shape[0], -1))
     finally:
         model.train(was_training)
-    reason = _dead(n_px, total, squares, above, finite)
+    reason = _dead(n_px, total, squares, above, finite, int(true_sum))
     if reason is not None:
         return {"status": "dead", "reason": reason}
     notes: list[str] = []
@@ -216,7 +216,7 @@ def _markdown(report: dict) -> str:
     if report["released"]:
         lines.append("`unlearned.pt`: the state dict of your model, with your key names.")
     else:
-        lines.append("Nothing released: the unlearned model is dead (constant output).")
+        lines.append(f"Nothing released: the unlearned model is dead ({report['after']['reason']}).")
     if cfg["model"]["converted"]:
         lines.append(f"BatchNorm was replaced by GroupNorm in {len(cfg['model']['converted'])} module(s) "
                      "(replace_batchnorm = true): load `unlearned.pt` into the converted architecture.")

@@ -13,7 +13,7 @@ from pyunlearn.report import DEAD_CELL, format_table
 
 TINY = DemoConfig(n_public=16, n_private=24, n_test=16, image_size=16, width=4, batch_size=8, public_steps=15,
                   coarse_steps=15, retrain_steps=5, finetune_steps=5, post_steps=3, gc_steps=2, mc_steps=2,
-                  eval_every=5, s_global_boot=5, noise_seed=0)
+                  eval_every=5, s_global_boot=5, noise_seed=0, blank_is_dead=False)
 METRICS = ("auroc", "worst_group_auroc", "group_auroc", "dice", "s_global", "trajectory")
 
 
@@ -50,6 +50,55 @@ def test_dead_reason_both_ways():
     # every pixel background, with a tiny spread: near-constant
     nearly = lambda x: -3.0 + 0.1 * x[:, :1]  # noqa: E731
     assert "near-constant" in dead_reason(type("M", (nn.Module,), {"forward": lambda self, x: nearly(x)})(), images)
+
+
+class Shy(nn.Module):
+    """A segmenter that ranks pixels (bright ones higher) but never crosses 0.5: a blank segmentation."""
+
+    def forward(self, x):
+        return -2.0 + 1.5 * (x.mean(dim=1, keepdim=True) - 0.5)
+
+
+def test_blank_segmentation_is_dead_only_where_fine_masks_have_foreground():
+    images = torch.rand(6, 3, 16, 16)
+    fine = torch.zeros(6, 16, 16, dtype=torch.bool)
+    fine[:, 4:8, 4:8] = True
+    reason = dead_reason(Shy(), images, fine=fine)
+    assert "blank segmentation" in reason and f"{int(fine.sum())} foreground pixels" in reason
+    assert dead_reason(Shy(), images) is None  # no fine masks: nothing says a lesion was there
+    assert dead_reason(Shy(), images, fine=torch.zeros_like(fine)) is None  # no lesion to find
+    assert dead_reason(Brightness(), images, fine=fine) is None  # some pixel above 0.5: alive
+    # the streamed rule from running sums agrees
+    probs = torch.sigmoid(Shy()(images)).double()
+    sums = (probs.numel(), float(probs.sum()), float((probs * probs).sum()), int((probs > 0.5).sum()), True)
+    assert "blank segmentation" in pipeline.dead_reason_of_sums(*sums, foreground=int(fine.sum()))
+    assert pipeline.dead_reason_of_sums(*sums) is None
+
+
+@pytest.mark.parametrize("blank_is_dead", [True, False])
+def test_blank_method_is_reported_dead_unless_the_check_is_off(tmp_path, monkeypatch, blank_is_dead):
+    real = pipeline.unlearn.finetune
+
+    def finetune(model, data, **kw):
+        _, record = real(model, data, **kw)
+        return Shy(), record
+
+    monkeypatch.setattr(pipeline.unlearn, "finetune", finetune)
+    monkeypatch.setattr(pipeline, "_check_dead", _blank_only_for(Shy, pipeline._check_dead))
+    config = dataclasses.replace(TINY, methods=("coarse", "finetune"), blank_is_dead=blank_is_dead)
+    m = run_synthetic_demo(tmp_path, seed=0, config=config, progress=False, figures=False)["methods"]["finetune"]
+    if blank_is_dead:
+        assert m["status"] == "dead" and "blank segmentation" in m["reason"] and "dice" not in m
+    else:
+        assert m["status"] == "ok" and m["dice"] < 1e-3
+
+
+def _blank_only_for(cls, real):
+    """The real check, with the blank rule applied to ``cls`` models only (TINY's own models are too
+    under-trained to pass it)."""
+    def check(model, train_images, test, *, blank=True):
+        return real(model, train_images, test, blank=blank and isinstance(model, cls))
+    return check
 
 
 def test_trained_models_are_alive(tmp_path):

@@ -144,7 +144,8 @@ def test_report_of_the_certified_methods_holds_nothing_fixed_within_a_world(tmp_
     test = EvalSet(images=_TEST.images, fine=_TEST.fine, labels=_TEST.labels, has_artefact=_TEST.has_artefact,
                    artefact_map=_TEST.artefact_map)
     config = DemoConfig(batch_size=4, gc_steps=3, gc_lr=0.1, gc_c1=0.1, gc_weight_decay=2.0, mc_steps=2,
-                        post_steps=2, eval_every=1, s_global_boot=10, methods=("gradient_clipping", "model_clipping"))
+                        post_steps=2, eval_every=1, s_global_boot=10, methods=("gradient_clipping", "model_clipping"),
+                        blank_is_dead=False)
     reports, texts = {"A": [], "B": []}, {"A": [], "B": []}
     for w in ("A", "B"):
         for i in range(3):

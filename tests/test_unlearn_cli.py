@@ -240,7 +240,21 @@ def test_uncertified_operator_releases_no_certificate(tmp_path, folder, models):
     assert report["certificate"] is None and "not certified" in (out / "report.md").read_text()
 
 
-def test_a_dead_result_is_reported_dead_and_not_released(tmp_path, folder, models, monkeypatch):
+class Shy(torch.nn.Module):
+    """``model`` with its foreground logit lowered until no pixel of a batch is foreground; the ranking stays."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        y = self.model(x)
+        margin = y[:, 1] - y[:, 0]
+        return torch.stack([y[:, 0], y[:, 1] - margin.max() - 1.0], dim=1)
+
+
+@pytest.mark.parametrize("death", ["constant output", "blank segmentation"])
+def test_a_dead_result_is_reported_dead_and_not_released(tmp_path, folder, models, monkeypatch, death):
     _, model = tiny_setup(tmp_path, folder, models)
     config = write_config(tmp_path, folder, model=model, unlearn=dict(operator="finetune", steps=1, batch_size=4))
     real = job.operator_function
@@ -248,6 +262,8 @@ def test_a_dead_result_is_reported_dead_and_not_released(tmp_path, folder, model
     def killing(name):
         def op(model, data, **kwargs):
             out, record = real(name)(model, data, **kwargs)
+            if death == "blank segmentation":
+                return Shy(out), record
             with torch.no_grad():
                 out.head.weight.zero_()
                 out.head.bias.copy_(torch.tensor([5.0, -5.0]))
@@ -259,8 +275,9 @@ def test_a_dead_result_is_reported_dead_and_not_released(tmp_path, folder, model
     out = tmp_path / "runs" / "unlearned"
     report = json.loads((out / "report.json").read_text())
     assert report["after"] == {"status": "dead", "reason": report["after"]["reason"]}
-    assert "constant output" in report["after"]["reason"] and report["before"]["status"] == "ok"
-    assert not (out / "unlearned.pt").exists() and "is dead" in (out / "report.md").read_text()
+    assert death in report["after"]["reason"] and report["before"]["status"] == "ok"
+    md = (out / "report.md").read_text()
+    assert not (out / "unlearned.pt").exists() and "is dead" in md and death in md
 
 
 def test_batchnorm_is_refused_unless_replaced(tmp_path, folder, models):
@@ -285,9 +302,12 @@ def test_unlearn_on_isic(tmp_path, models):
 
     root = make_isic_folder(tmp_path / "isic", n=12, size=(24, 24), seed=1)
     torch.manual_seed(0)
-    torch.save(models.tiny().state_dict(), tmp_path / "w.pt")
+    net = models.tiny()
+    with torch.no_grad():
+        net.head.bias.fill_(3.0)  # an untrained model that marks lesion somewhere: not a blank segmentation
+    torch.save(net.state_dict(), tmp_path / "w.pt")
     config = write_config(tmp_path, None, model=dict(factory="mymodels:tiny", weights="w.pt", certify=["head.*"]),
-                          unlearn={**GC, "steps": 2, "finetune_steps": 1},
+                          unlearn=dict(operator="finetune", steps=1, lr=1e-4, batch_size=4),
                           data=dict(kind="isic", root=str(root), artefacts_csv="isic2018_artefacts.csv",
                                     positive_classes=["MEL", "NV"], size=16, coarse_radius=1))
     with pytest.warns(UserWarning, match="dropped 1 of 12 images"):
