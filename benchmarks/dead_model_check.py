@@ -1,14 +1,18 @@
 """How often does the demo's training die? (offline check, not part of the test suite)
 
 Runs the demo's job (:func:`pyunlearn.pipeline.run_synthetic_demo`, no figures) for N seeds and records,
-per seed, which models were dead (constant or near-constant output, :func:`pyunlearn.pipeline.dead_reason`)
-before and after the retries: a model trained from scratch (public encoder, coarse decoder, retrain,
+per seed, which models were dead (constant or near-constant output, or a blank segmentation of the test
+set; :func:`pyunlearn.pipeline.dead_reason`) before and after the retries: a model trained from scratch (public encoder, coarse decoder, retrain,
 oracle) is retried with another initialisation seed up to ``DemoConfig.dead_retries`` times, a method
 that starts from the coarse model (fine-tuning, NegGrad-Seg, the certified methods) is not, and is
 reported dead. A coarse model dead after its retries stops the job (:class:`DeadModelError`).
 
     .venv/bin/python benchmarks/dead_model_check.py                  # 100 seeds, the demo's defaults
     .venv/bin/python benchmarks/dead_model_check.py --seeds 3 --quick --out /tmp/dead.json
+    .venv/bin/python benchmarks/dead_model_check.py --first 50 --seeds 50 --out b.json   # a second process
+
+With ``--out`` the file is rewritten after every seed (``"complete": false`` until the last), so a stopped
+run keeps what it checked.
 """
 from __future__ import annotations
 
