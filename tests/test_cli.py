@@ -126,6 +126,7 @@ gc_steps = 2
 mc_steps = 2
 eval_every = 1
 s_global_boot = 5
+blank_is_dead = false  # a smoke run: 3 steps leave the models blank
 methods = ["coarse", "retrain", "finetune", "gradient_clipping", "psg_segmentation"]
 """)
     with pytest.warns(UserWarning, match="dropped 1 of 24 images"):  # the fixture leaves one image unlabelled
