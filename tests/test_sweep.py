@@ -288,6 +288,24 @@ def test_interrupted_sweep_resumes(tmp_path, fake_jobs):
     assert "min-max" in result["figure_caption"] and (out / "sweep.png").stat().st_size > 1000
 
 
+def test_image_size_flag_reaches_every_cell(tmp_path, fake_jobs, monkeypatch):
+    sizes = []
+    real = pipeline.run_synthetic_demo
+
+    def spy(out_dir, **kwargs):
+        sizes.append(kwargs["config"].image_size)
+        return real(out_dir, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_synthetic_demo", spy)
+    argv = ["--out", str(tmp_path / "o"), "--quick", "--no-progress", "--fractions", *FRACTIONS, "--seeds", "0"]
+    assert sweep.main(parse(argv + ["--image-size", "20"])) == 0
+    assert sizes == [20] * len(FRACTIONS)
+    sizes.clear()
+    with pytest.raises(ConfigError, match="image_size"):  # another size is another configuration
+        sweep.main(parse(argv + ["--image-size", "28"]))
+    assert sizes == []
+
+
 def test_a_sweep_folder_in_use_is_refused(tmp_path, fake_jobs):
     from pyunlearn.checkpoint import CheckpointLockedError, RunLock
 
@@ -302,7 +320,8 @@ def test_a_sweep_folder_in_use_is_refused(tmp_path, fake_jobs):
 @pytest.mark.parametrize("argv", [["--fractions", "0"], ["--fractions", "1"], ["--fractions", "1.5"],
                                   ["--fractions", "nan"], ["--fractions", "a"], ["--seeds", "-1"],
                                   ["--seeds", str(2**43)], ["--methods", "nope"], ["--threads", "0"],
-                                  ["--noise-seed", "-1"], ["--device", "tpu"]])
+                                  ["--noise-seed", "-1"], ["--device", "tpu"], ["--image-size", "4"],
+                                  ["--image-size", "0"], ["--image-size", "a"]])
 def test_bad_flags_are_argparse_errors(tmp_path, argv, capsys):
     with pytest.raises(SystemExit):
         parse(["--out", str(tmp_path)] + argv)
