@@ -443,15 +443,6 @@ def _run_cell(folder: Path, config, identity: dict, *, seed: int, device: str, p
 
 
 # ------------------------------------------------------------------------------------------- command line
-def _image_size(value: str) -> int:
-    from .cli import _positive
-
-    size = _positive(value)
-    if size < 8:
-        raise argparse.ArgumentTypeError(f"must be an int >= 8, got {size}")
-    return size
-
-
 def _fraction(value: str) -> float:
     try:
         v = float(value)
@@ -464,7 +455,7 @@ def _fraction(value: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the ``sweep`` subcommand."""
-    from .cli import _noise_seed, _positive, _seed
+    from .cli import _int_in, _noise_seed, _positive, _seed
 
     parser.add_argument("--out", required=True, type=Path,
                         help="output folder: cells/, sweep.json, sweep.md, sweep.png; rerunning resumes")
@@ -477,7 +468,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny configuration (seconds per cell; smoke tests)")
     # NOTE: the default stays the demo's 32 px: one training step at 64 px took 4.4x as long (792 against 180 ms,
     # batch 32, one thread), so a 64 px sweep would take ~4x the 40-minute budget on 2 CPU cores.
-    parser.add_argument("--image-size", type=_image_size, default=None,
+    parser.add_argument("--image-size", type=_int_in(8, 2**31, "2**31"), default=None,
                         help="image side in pixels (default: the demo's, 32; the issue's 64 costs ~4x the time)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=_positive, default=1, help="torch intra-op threads (default 1)")
