@@ -3,7 +3,8 @@
 ::
 
     pyunlearn sweep --out DIR [--fractions 0.02 0.05 0.1 0.25] [--seeds 0 1 2] [--methods ...] [--image-size N] [--quick]
-                    [--device cpu|cuda] [--threads N] [--no-progress] [--noise-seed N] [--checkpoint-dir DIR]
+                    [--device cpu|cuda] [--threads N] [--jobs N] [--no-progress] [--noise-seed N]
+                    [--checkpoint-dir DIR]
 
 For every cell (fine fraction ``f``, data seed ``s``) it runs the main job of ``pyunlearn demo``
 (:func:`pyunlearn.pipeline.run_synthetic_demo`) with ``DemoConfig(fine_fraction=f)`` and writes
@@ -308,7 +309,7 @@ def _check_grid(fractions, seeds, methods, config) -> None:
 def run_sweep(out_dir: str | Path, *, fractions: Sequence[float] = FRACTIONS, seeds: Sequence[int] = SEEDS,
               methods: Optional[Sequence[str]] = None, config=None, device: str = "cpu", progress: bool = True,
               noise_seed: Optional[int] = None, checkpoint_dir: Optional[str | Path] = None,
-              figures: bool = True) -> dict:
+              figures: bool = True, jobs: int = 1) -> dict:
     """Run the main job for every (fine fraction, seed) cell not yet complete in ``out_dir``; write
     sweep.json, sweep.md and sweep.png (see the module docstring). Returns the content of sweep.json.
 
@@ -316,7 +317,9 @@ def run_sweep(out_dir: str | Path, *, fractions: Sequence[float] = FRACTIONS, se
     fraction; ``methods`` overrides its method list (the coarse model is always evaluated). ``noise_seed``
     (or, when None, ``config.noise_seed``) seeds the certified noise per cell (:func:`cell_noise_seed`);
     None: secret keys. ``checkpoint_dir``: each cell checkpoints in ``<checkpoint_dir>/fraction-<f>/seed-<s>``
-    (deleted when the cell succeeds). ``figures``: the cells' own report figures."""
+    (deleted when the cell succeeds). ``figures``: the cells' own report figures. ``jobs``: cells run at once,
+    each in its own process with this process's torch thread count (cells are independent and seeded, so the
+    results do not depend on it; not under torchrun)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -335,6 +338,10 @@ def run_sweep(out_dir: str | Path, *, fractions: Sequence[float] = FRACTIONS, se
         raise ConfigError(f"device: 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs: a positive integer, got {jobs!r}")
+    if jobs > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise ConfigError("jobs: under torchrun the ranks share each cell; run with jobs = 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     main_rank = pipeline._main_rank()
@@ -357,33 +364,43 @@ def run_sweep(out_dir: str | Path, *, fractions: Sequence[float] = FRACTIONS, se
                           + "\n  ".join(mismatched))
 
     t0 = time.perf_counter()
-    cells: list[dict] = []
+    records: dict = {}
     lock = RunLock(out / ".sweep.lock", what="sweep folder").acquire() if main_rank else None
     try:
-        bar = tqdm(grid, desc="sweep cells", disable=not progress)
-        for f, s in bar:
-            bar.set_postfix_str(f"fraction {fraction_label(f)}, seed {s}")
-            cfg, identity = plan[(f, s)]
-            folder = cell_dir(out, f, s)
-            record = _read_cell(folder)
+        todo = []
+        for f, s in grid:
+            record = _read_cell(cell_dir(out, f, s))
             if record is None:
-                ckpt = None if checkpoint_dir is None else \
-                    Path(checkpoint_dir) / f"fraction-{fraction_label(f)}" / f"seed-{s}"
-                record = _run_cell(folder, cfg, identity, seed=s, device=device, progress=progress,
-                                   checkpoint_dir=ckpt, figures=figures, main_rank=main_rank)
-                if checkpoint_dir is not None and record["status"] != "failed":
-                    for empty in (ckpt.parent, Path(checkpoint_dir)):
-                        try:
-                            empty.rmdir()
-                        except OSError:
-                            pass
-            cells.append({"fraction": f, "seed": s, "path": str(folder.relative_to(out)),
-                          "noise_seed": cfg.noise_seed, "n_fine": round(f * cfg.n_private),
-                          **{k: record.get(k) for k in ("status", "reason", "wall_s")},
-                          "methods": record.get("methods", {})})
+                todo.append((f, s))
+            else:
+                records[(f, s)] = record
+        bar = tqdm(total=len(grid), initial=len(records), desc="sweep cells", disable=not progress)
+        arguments = {(f, s): dict(folder=cell_dir(out, f, s), config=plan[(f, s)][0], identity=plan[(f, s)][1],
+                                  seed=s, device=device, figures=figures, main_rank=main_rank,
+                                  checkpoint_dir=None if checkpoint_dir is None else
+                                  Path(checkpoint_dir) / f"fraction-{fraction_label(f)}" / f"seed-{s}")
+                     for f, s in todo}
+        if jobs == 1 or len(todo) < 2:
+            for f, s in todo:
+                bar.set_postfix_str(f"fraction {fraction_label(f)}, seed {s}")
+                records[(f, s)] = _run_cell(progress=progress, **arguments[(f, s)])
+                bar.update()
+        else:
+            records.update(_run_cells_in_processes(arguments, min(jobs, len(todo)), torch.get_num_threads(), bar))
+        bar.close()
+        if checkpoint_dir is not None:  # drop the folders the cells emptied (a failed cell keeps its checkpoints)
+            for folder in sorted({arguments[c]["checkpoint_dir"].parent for c in todo}) + [Path(checkpoint_dir)]:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
     finally:
         if lock is not None:
             lock.release()
+    cells = [{"fraction": f, "seed": s, "path": str(cell_dir(out, f, s).relative_to(out)),
+              "noise_seed": plan[(f, s)][0].noise_seed, "n_fine": round(f * config.n_private),
+              **{k: records[(f, s)].get(k) for k in ("status", "reason", "wall_s")},
+              "methods": records[(f, s)].get("methods", {})} for f, s in grid]
 
     reported = [m for m in config.methods]
     for c in cells:
@@ -405,6 +422,33 @@ def run_sweep(out_dir: str | Path, *, fractions: Sequence[float] = FRACTIONS, se
 
         (out / "sweep.json").write_text(json.dumps(_jsonable(result), indent=2))
     return result
+
+
+def _run_cells_in_processes(arguments: dict, jobs: int, threads: int, bar) -> dict:
+    """:func:`_run_cell` for every cell of ``arguments`` in ``jobs`` fresh processes (spawned: no state of this
+    one is inherited but the environment) with ``threads`` torch threads each; returns the records by cell."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    records = {}
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_set_threads, initargs=(threads,))
+    try:
+        futures = {pool.submit(_run_cell, progress=False, **kwargs): cell for cell, kwargs in arguments.items()}
+        for future in as_completed(futures):
+            f, s = futures[future]
+            records[(f, s)] = future.result()
+            bar.set_postfix_str(f"done: fraction {fraction_label(f)}, seed {s}")
+            bar.update()
+    finally:  # on an error or Ctrl-C the queued cells are dropped; the next run reruns them
+        pool.shutdown(wait=True, cancel_futures=True)
+    return records
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _run_cell(folder: Path, config, identity: dict, *, seed: int, device: str, progress: bool,
@@ -472,6 +516,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image side in pixels (default: the demo's, 32; the issue's 64 costs ~4x the time)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=_positive, default=1, help="torch intra-op threads (default 1)")
+    # NOTE: a cell is one small job that keeps one core busy (two threads spent most of their time waiting for
+    # each other); cells in separate processes use the other cores.
+    parser.add_argument("--jobs", type=_positive, default=1,
+                        help="cells run at once, one process each (default 1; e.g. the number of cores divided "
+                             "by --threads). The results do not depend on it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--noise-seed", type=_noise_seed, default=None,
                         help="seed the certified noise (reproducible, NOT secret; every cell gets its own key); "
@@ -502,7 +551,7 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     result = run_sweep(args.out, fractions=args.fractions, seeds=args.seeds, methods=args.methods, config=config,
                        device=args.device, progress=not args.no_progress, noise_seed=args.noise_seed,
-                       checkpoint_dir=args.checkpoint_dir)
+                       checkpoint_dir=args.checkpoint_dir, jobs=args.jobs)
     from .pipeline import _main_rank
 
     if _main_rank():

@@ -130,6 +130,26 @@ def test_every_cell_has_its_own_noise(quick_sweep):
     assert len(set(operator)) == len(cells)  # the operators' noise keys differ too
 
 
+def without_wall_time(cells):
+    return [{k: ({n: {k2: v2 for k2, v2 in m.items() if k2 != "wall_s"} for n, m in v.items()}
+                 if k == "methods" else v) for k, v in c.items() if k != "wall_s"} for c in cells]
+
+
+def test_cells_in_parallel_processes_give_the_same_results(quick_sweep, tmp_path, count_jobs):
+    _, done, _ = quick_sweep
+    out = tmp_path / "out"
+    assert sweep.main(parse(quick_argv(out, "--noise-seed", "3", "--jobs", "2"))) == 0
+    assert count_jobs == []  # every cell ran in a worker process
+    serial = json.loads((done / "sweep.json").read_text())
+    parallel = json.loads((out / "sweep.json").read_text())
+    assert parallel["n_cells"] == {"ok": 4, "dead": 0, "failed": 0}
+    assert without_wall_time(parallel["cells"]) == without_wall_time(serial["cells"])
+    assert sorted(p.name for p in (out / "cells" / "fraction-0.05").iterdir()) == ["seed-0", "seed-1"]
+    # complete cells are not rerun, whatever --jobs says
+    assert sweep.main(parse(quick_argv(out, "--noise-seed", "3", "--jobs", "2"))) == 0
+    assert json.loads((out / "sweep.json").read_text())["cells"] == parallel["cells"]  # wall times included
+
+
 def test_cell_noise_seed_differs_per_fraction_and_seed():
     keys = {(f, s): sweep.cell_noise_seed(7, f, s) for f in (0.02, 0.05, 0.1, 0.25) for s in (0, 1, 2)}
     assert len(set(keys.values())) == len(keys)
@@ -320,7 +340,7 @@ def test_a_sweep_folder_in_use_is_refused(tmp_path, fake_jobs):
 @pytest.mark.parametrize("argv", [["--fractions", "0"], ["--fractions", "1"], ["--fractions", "1.5"],
                                   ["--fractions", "nan"], ["--fractions", "a"], ["--seeds", "-1"],
                                   ["--seeds", str(2**43)], ["--methods", "nope"], ["--threads", "0"],
-                                  ["--noise-seed", "-1"], ["--device", "tpu"], ["--image-size", "4"],
+                                  ["--jobs", "0"], ["--noise-seed", "-1"], ["--device", "tpu"], ["--image-size", "4"],
                                   ["--image-size", "0"], ["--image-size", "a"]])
 def test_bad_flags_are_argparse_errors(tmp_path, argv, capsys):
     with pytest.raises(SystemExit):
@@ -364,7 +384,8 @@ def test_cuda_without_gpu_fails_before_any_training(tmp_path, fake_jobs):
 def test_run_sweep_checks_its_arguments(tmp_path, fake_jobs):
     for kwargs, message in (({"fractions": [0.0]}, r"in \(0, 1\)"), ({"seeds": [-1]}, r"\[0, 2\*\*43\)"),
                             ({"seeds": [0.5]}, "integer"), ({"methods": ["x"]}, "unknown"),
-                            ({"fractions": []}, "at least one")):
+                            ({"fractions": []}, "at least one"), ({"jobs": 0}, "jobs: a positive integer"),
+                            ({"jobs": 1.5}, "jobs: a positive integer")):
         with pytest.raises(ConfigError, match=message):
             sweep.run_sweep(tmp_path / "o", progress=False, **kwargs)
     assert fake_jobs[1] == []
