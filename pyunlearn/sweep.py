@@ -510,8 +510,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", choices=_all_methods(), default=None,
                         help="methods to run (default: the demo's; the coarse model is always evaluated)")
     parser.add_argument("--quick", action="store_true", help="tiny configuration (seconds per cell; smoke tests)")
-    # NOTE: the default stays the demo's 32 px: one training step at 64 px took 4.4x as long (792 against 180 ms,
-    # batch 32, one thread), so a 64 px sweep would take ~4x the 40-minute budget on 2 CPU cores.
+    # NOTE: the default stays the demo's 32 px. With --jobs 2 on 2 CPU cores a 32 px cell took 108-126 s (the
+    # whole sweep 12 min) and a 64 px cell 591-705 s, so a 64 px sweep would take ~65 min, past the 40-minute
+    # budget; sharing the fraction-independent stages (encoder, coarse model, oracle) would save at most ~30%.
     parser.add_argument("--image-size", type=_int_in(8, 2**31, "2**31"), default=None,
                         help="image side in pixels (default: the demo's, 32; the issue's 64 costs ~4x the time)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
