@@ -514,7 +514,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # whole sweep 12 min) and a 64 px cell 591-705 s, so a 64 px sweep would take ~65 min, past the 40-minute
     # budget; sharing the fraction-independent stages (encoder, coarse model, oracle) would save at most ~30%.
     parser.add_argument("--image-size", type=_int_in(8, 2**31, "2**31"), default=None,
-                        help="image side in pixels (default: the demo's, 32; the issue's 64 costs ~4x the time)")
+                        help="image side in pixels (default: the demo's, 32; a 64 px cell took ~5x as long)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=_positive, default=1, help="torch intra-op threads (default 1)")
     # NOTE: a cell is one small job that keeps one core busy (two threads spent most of their time waiting for
