@@ -319,7 +319,8 @@ def run_sweep(out_dir: str | Path, *, fractions: Sequence[float] = FRACTIONS, se
     None: secret keys. ``checkpoint_dir``: each cell checkpoints in ``<checkpoint_dir>/fraction-<f>/seed-<s>``
     (deleted when the cell succeeds). ``figures``: the cells' own report figures. ``jobs``: cells run at once,
     each in its own process with this process's torch thread count (cells are independent and seeded, so the
-    results do not depend on it; not under torchrun)."""
+    results do not depend on it; not under torchrun). The processes are spawned, so a script that calls this
+    with ``jobs > 1`` needs the usual ``if __name__ == "__main__":`` guard."""
     import torch
     from tqdm.auto import tqdm
 
