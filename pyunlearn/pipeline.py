@@ -106,8 +106,9 @@ class DemoConfig:
     #: Generator of the synthetic demo's splits (:class:`pyunlearn.data.SyntheticShortcuts`): ``"hard"``
     #: (irregular lesions, skin tones, six artefact kinds, a shifted public domain; measured at these defaults
     #: by ``benchmarks/generator_check.py``: coarse shortcut gap 0.21, retrain headroom below the oracle 0.09
-    #: with uniform batches, seeds 0-2; 0.058 with ``fine_share`` 0.25 in the sweep) or ``"easy"`` (the original generator, whose blobs a dozen fine masks learn completely). A
-    #: run config's ``[pipeline]`` table may set it (it only affects the synthetic demo).
+    #: with uniform batches, seeds 0-2; 0.058 with ``fine_share`` 0.25 in the sweep) or ``"easy"`` (the original
+    #: generator, whose blobs a dozen fine masks learn completely). A run config's ``[pipeline]`` table may set it
+    #: (it only affects the synthetic demo).
     difficulty: str = "hard"
     #: Retries, with another initialisation seed, of a model trained from scratch (public encoder, coarse
     #: decoder, retrain, oracle) that is dead: (near-)constant output or a blank segmentation (see

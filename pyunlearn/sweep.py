@@ -2,8 +2,8 @@
 
 ::
 
-    pyunlearn sweep --out DIR [--fractions 0.02 0.05 0.1 0.25] [--seeds 0 1 2] [--methods ...] [--image-size N] [--quick]
-                    [--device cpu|cuda] [--threads N] [--jobs N] [--no-progress] [--noise-seed N]
+    pyunlearn sweep --out DIR [--fractions 0.02 0.05 0.1 0.25] [--seeds 0 1 2] [--methods ...] [--image-size N]
+                    [--quick] [--device cpu|cuda] [--threads N] [--jobs N] [--no-progress] [--noise-seed N]
                     [--checkpoint-dir DIR]
 
 For every cell (fine fraction ``f``, data seed ``s``) it runs the main job of ``pyunlearn demo``
@@ -19,10 +19,11 @@ For every cell (fine fraction ``f``, data seed ``s``) it runs the main job of ``
   the requested grid are left alone and not reported.
 * ``DIR/sweep.json``: the configuration, every cell's per-method metrics (AUROC, worst-group AUROC, Dice,
   S_global, wall time, certificate epsilon/delta) and, per method and fraction, the mean, std and n over
-  seeds of each metric. Dead models (constant outputs or blank segmentations; see :func:`pyunlearn.pipeline.dead_reason`) are
-  recorded as dead with their reason and counted, never averaged in. A cell whose coarse model stayed dead
-  after its retries (:class:`pyunlearn.pipeline.DeadModelError`) is complete and dead for every method. A
-  cell that failed otherwise is listed as failed and rerun by the next call.
+  seeds of each metric. Dead models (constant outputs or blank segmentations; see
+  :func:`pyunlearn.pipeline.dead_reason`) are recorded as dead with their reason and counted, never averaged
+  in. A cell whose coarse model stayed dead after its retries (:class:`pyunlearn.pipeline.DeadModelError`) is
+  complete and dead for every method. A cell that failed otherwise is listed as failed and rerun by the next
+  call.
 * ``DIR/sweep.md``: one table per metric (rows: methods, columns: fractions, cells: mean ± std (n)) and the
   dead or failed cells.
 * ``DIR/sweep.png``: worst-group AUROC against the fine fraction (log axis), one line per method, shaded by
